@@ -1,0 +1,6 @@
+"""dbl: DiffusionBlocks in PyTorch Lightning. Block-wise training of transformers as diffusion denoisers."""
+
+from dbl.training import BlockwiseLightningModule, ImageDiffusionModule
+
+__version__ = "0.1.0"
+__all__ = ["BlockwiseLightningModule", "ImageDiffusionModule"]

@@ -1,0 +1,3 @@
+from dbl.cli import main
+
+main()

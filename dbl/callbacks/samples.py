@@ -1,0 +1,80 @@
+"""Sample grids during training: fixed noise and labels, so grids compare across steps and runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torchvision.utils import make_grid, save_image
+
+
+class SampleGrid(L.Callback):
+    """Every ``every_n_steps`` training steps (and at the end), generate a grid and log it.
+
+    Rows are classes 0..``num_classes``-1 (or unconditional samples), ``per_class`` columns.
+    The grid goes to TensorBoard (``samples`` tab) and, with ``save_png``, to
+    ``<log_dir>/samples/step_<k>.png``.
+
+    Args:
+        every_n_steps: interval in optimizer steps; 0 logs only at the end of training.
+        num_classes: rows of the grid, one class each; 0 for unconditional models.
+        per_class: samples per row.
+        seed: seed of the noise, fixed for the whole run.
+        num_steps, solver, cfg_scale: sampler settings; None uses the module's defaults.
+        save_png: also write each grid as a PNG next to the logs.
+        min_pixels: images smaller than this are enlarged (nearest neighbour) in the grid.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 500,
+        num_classes: int = 10,
+        per_class: int = 8,
+        seed: int = 0,
+        num_steps: int | None = None,
+        solver: str | None = None,
+        cfg_scale: float | None = None,
+        save_png: bool = True,
+        min_pixels: int = 32,
+    ):
+        self.min_pixels = min_pixels
+        self.every_n_steps, self.num_classes, self.per_class, self.seed = every_n_steps, num_classes, per_class, seed
+        self.sampler = dict(num_steps=num_steps, solver=solver, cfg_scale=cfg_scale)
+        self.save_png = save_png
+        self._last_step = -1
+
+    def make_grid(self, pl_module) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed)
+        if self.num_classes > 0:
+            labels = torch.arange(self.num_classes).repeat_interleave(self.per_class)
+            images = pl_module.sample(labels=labels, generator=gen, **self.sampler)
+        else:
+            images = pl_module.sample(num_samples=self.per_class * 8, generator=gen, **self.sampler)
+        images = ((images.clamp(-1, 1) + 1) / 2).cpu()
+        if images.shape[-1] < self.min_pixels:  # small images (digits are 8x8): enlarge so a person can see them
+            images = torch.nn.functional.interpolate(images, scale_factor=-(-self.min_pixels // images.shape[-1]), mode="nearest")
+        return make_grid(images, nrow=self.per_class, padding=1, pad_value=1.0)
+
+    @rank_zero_only
+    def log_grid(self, trainer: L.Trainer, pl_module) -> None:
+        step = trainer.global_step
+        if step == self._last_step:
+            return
+        self._last_step = step
+        grid = self.make_grid(pl_module)
+        logger = trainer.logger
+        if logger is not None and hasattr(logger.experiment, "add_image"):
+            logger.experiment.add_image("samples", grid, global_step=step)
+        if self.save_png:
+            root = Path(logger.log_dir if logger is not None and logger.log_dir else trainer.default_root_dir)
+            (root / "samples").mkdir(parents=True, exist_ok=True)
+            save_image(grid, root / "samples" / f"step_{step:07d}.png")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.log_grid(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.log_grid(trainer, pl_module)

@@ -1,0 +1,5 @@
+"""LightningDataModules."""
+
+from dbl.data.digits import DigitsDataModule
+
+__all__ = ["DigitsDataModule"]

@@ -1,0 +1,66 @@
+"""The text of ``dbl info``: blocks, noise ranges, parameters and estimated training memory."""
+
+from __future__ import annotations
+
+import lightning as L
+
+from dbl.memory import count, estimate_training_memory, profile_activations
+
+PROFILE_BATCH = 4  # samples actually run to measure activations; bytes scale linearly to the real batch
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3f}"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _first_batch(datamodule: L.LightningDataModule):
+    datamodule.setup("fit")
+    return next(iter(datamodule.train_dataloader()))
+
+
+def describe(module, datamodule: L.LightningDataModule | None) -> str:
+    net = module.network
+    hp = module.hparams
+    out = [
+        f"{type(module).__name__}: {type(net.net).__name__}, {len(net.net.layers)} layers in "
+        f"{net.num_blocks} blocks, partition {hp.get('partition', '-')}, overlap {hp.get('overlap', '-')}, "
+        f"shared_io {net.shared_io}, schedule {module.schedule.kind}",
+        "",
+    ]
+    rows = [["block", "layers", "nominal noise range", "training noise range", "parameters"]]
+    for b in range(net.num_blocks):
+        start, end = net.bounds[b]
+        nominal = "[{:.4g}, {:.4g}]".format(*module.partition.nominal_range(b))
+        widened = "[{:.4g}, {:.4g}]".format(*module.partition.widened_range(b))
+        rows.append([str(b), f"{start}-{end - 1}", nominal, widened, f"{count(net.block_parameters(b)):,}"])
+    rows.append(["shared", "-", "-", "-", f"{count(net.shared_parameters()):,}"])
+    rows.append(["total", "", "", "", f"{count(module.parameters()):,}"])
+    out += [_table(rows), ""]
+    if datamodule is None:
+        out.append("(no data configured: memory estimate skipped)")
+        return "\n".join(out)
+    batch = _first_batch(datamodule)
+    batch_size = len(batch[0])
+    small = type(batch)(t[:PROFILE_BATCH] if hasattr(t, "shape") else t for t in batch)
+    profile = profile_activations(module, small, min(PROFILE_BATCH, batch_size))
+    est = estimate_training_memory(module, profile, batch_size)
+    base = est["end-to-end"].total
+    rows = [["mode", "weights", "grads", "optimizer", "activations", "total (GiB)", "vs end-to-end"]]
+    for mode, e in est.items():
+        rows.append([mode, _gib(e.weights), _gib(e.grads), _gib(e.optimizer), _gib(e.activations), _gib(e.total),
+                     f"{e.total / base:.2f}x"])
+    out += [
+        f"Estimated memory of one training step, batch {batch_size}, fp32, Adam (GiB; activations measured "
+        f"on {min(PROFILE_BATCH, batch_size)} samples and scaled):",
+        _table(rows),
+        "block-wise keeps every block's weights and optimizer state resident; 'offloaded' keeps only the "
+        "active block and the shared part.",
+    ]
+    return "\n".join(out)

@@ -1,0 +1,104 @@
+"""Split a layered network into B contiguous blocks that can each run alone (no Lightning here).
+
+A network qualifies if it has ``layers`` (an ``nn.ModuleList``, each called ``h = layer(h, c)``)
+and methods ``embed(x, c_noise, cond) -> (h, c)`` and ``head(h, c) -> out``. Everything that is not
+in ``layers`` is its input/output part: shared by all blocks (``shared_io=True``, as the official
+code) or copied once per block (``shared_io=False``: blocks share nothing and can train in
+separate processes with no communication).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+def split_layers(depth: int, num_blocks: int, layers_per_block: Sequence[int] | None = None) -> list[int]:
+    """Layers per block, checked: explicit lists must sum to ``depth``; otherwise B must divide depth."""
+    if num_blocks < 1:
+        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    if num_blocks > depth:
+        raise ValueError(f"num_blocks {num_blocks} is larger than the network's depth {depth}; every block needs a layer")
+    if layers_per_block is not None:
+        sizes = list(layers_per_block)
+        if len(sizes) != num_blocks or sum(sizes) != depth or min(sizes) < 1:
+            raise ValueError(
+                f"layers_per_block {sizes} must have num_blocks={num_blocks} positive entries summing to depth={depth}"
+            )
+        return sizes
+    if depth % num_blocks:
+        base, extra = divmod(depth, num_blocks)
+        hint = [base + (i < extra) for i in range(num_blocks)]
+        raise ValueError(
+            f"depth {depth} is not divisible by num_blocks {num_blocks}; set layers_per_block explicitly, e.g. {hint}"
+        )
+    return [depth // num_blocks] * num_blocks
+
+
+class BlockwiseNetwork(nn.Module):
+    """The network's layers grouped into blocks; ``forward(..., block=b)`` runs block b alone.
+
+    Block 0 holds the input-side layers (and owns the highest noise, see ``dbl.diffusion.partition``).
+    """
+
+    def __init__(self, net: nn.Module, num_blocks: int, layers_per_block: Sequence[int] | None = None, shared_io: bool = True):
+        super().__init__()
+        for attr in ("layers", "embed", "head"):
+            if not hasattr(net, attr):
+                raise TypeError(f"{type(net).__name__} cannot be split into blocks: it has no `{attr}`")
+        self.layers_per_block = split_layers(len(net.layers), num_blocks, layers_per_block)
+        self.shared_io = shared_io
+        self.net = net
+        starts = [0]
+        for n in self.layers_per_block:
+            starts.append(starts[-1] + n)
+        self.bounds = list(zip(starts[:-1], starts[1:]))
+        # Per-block copies of everything but the layers; block 0 uses the network's own.
+        self.io_copies = nn.ModuleList()
+        if not shared_io:
+            layers, net.layers = net.layers, nn.ModuleList()
+            try:
+                self.io_copies.extend(copy.deepcopy(net) for _ in range(num_blocks - 1))
+            finally:
+                net.layers = layers
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.layers_per_block)
+
+    def io(self, block: int) -> nn.Module:
+        return self.net if self.shared_io or block == 0 else self.io_copies[block - 1]
+
+    def block_layers(self, block: int) -> nn.ModuleList:
+        start, end = self.bounds[block]
+        return self.net.layers[start:end]
+
+    def io_parameters(self, block: int) -> Iterator[nn.Parameter]:
+        return (p for name, p in self.io(block).named_parameters() if not name.startswith("layers."))
+
+    def block_parameters(self, block: int) -> list[nn.Parameter]:
+        """Parameters that only ``block`` trains: its layers, plus its own input/output copy if not shared."""
+        params = list(self.block_layers(block).parameters())
+        if not self.shared_io:
+            params += list(self.io_parameters(block))
+        return params
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Input/output parameters every block trains (empty when ``shared_io`` is False)."""
+        return list(self.io_parameters(0)) if self.shared_io else []
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond=None, block: int | None = None) -> torch.Tensor:
+        """Run one block (``block=b``) or, with shared input/output parts, all layers (``block=None``)."""
+        if block is None:
+            if not self.shared_io and self.num_blocks > 1:
+                raise ValueError("with shared_io=False every block has its own input/output layers; pass block=")
+            layers, io = self.net.layers, self.net
+        else:
+            layers, io = self.block_layers(block), self.io(block)
+        h, c = io.embed(x, c_noise, cond)
+        for layer in layers:
+            h = layer(h, c)
+        return io.head(h, c)

@@ -1,0 +1,7 @@
+"""Lightning modules: the block-wise engine and the tasks built on it."""
+
+from dbl.training.engine import BlockLoss, BlockwiseLightningModule
+from dbl.training.image import ImageDiffusionModule
+from dbl.training.schedules import BlockSchedule, make_schedule
+
+__all__ = ["BlockLoss", "BlockSchedule", "BlockwiseLightningModule", "ImageDiffusionModule", "make_schedule"]

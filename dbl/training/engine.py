@@ -1,0 +1,150 @@
+"""The block-wise training engine: manual optimization, one block per step, per-block optimizers.
+
+``BlockwiseLightningModule`` owns everything that is the same for every task: which block trains
+at each step (``dbl.training.schedules``), the optimizer and LR scheduler of each block and of the
+shared input/output parameters, gradient clipping, per-block logging and checkpointed state.
+A task subclass (images: ``ImageDiffusionModule``) says only how to compute one block's loss.
+
+With ``num_blocks: 1`` the same module trains the network end to end (all layers, the whole noise
+range): the baseline for like-for-like comparisons.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from dbl.models.blockwise import BlockwiseNetwork
+from dbl.training.schedules import make_schedule
+
+
+def _default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+
+
+class BlockLoss(NamedTuple):
+    """What a task returns for one block-wise step."""
+
+    loss: torch.Tensor  # scalar that is back-propagated
+    unweighted: torch.Tensor  # scalar, the same loss before per-sample weighting (for logs)
+    noise_level: torch.Tensor  # [N] sigma (or t) drawn for each sample
+
+
+class BlockwiseLightningModule(L.LightningModule):
+    """Trains a network split into ``num_blocks`` blocks, one block per optimizer step.
+
+    Args:
+        network: a layered network (see ``dbl.models.blockwise``), e.g. ``dbl.models.DiT``.
+        num_blocks: B. 1 trains end to end.
+        layers_per_block: explicit split such as ``[4, 4, 4]`` or ``[3, 6, 3]``; required when B
+            does not divide the depth.
+        shared_io: share the input/output layers among blocks (updated every step, as the official
+            code) or give each block its own copy (blocks share nothing).
+        block_schedule: ``random`` (one uniformly chosen block per step) or ``phased``
+            (``phase_steps`` steps on each block in turn, cycling).
+        phase_steps: length of a phase, in optimizer steps.
+        train_blocks: train only these blocks (e.g. ``[1]`` for one block per job); default all.
+        schedule_seed: seed of the random schedule; the block at step k depends only on it and k.
+        optimizer: optimizer factory, built once per block and once for the shared parameters.
+        lr_scheduler: LR scheduler factory, one per optimizer; it steps only when its block
+            trains, so a block's warm-up counts that block's own updates.
+        gradient_clip_val: max global norm of the gradients of one step (block + shared); None: off.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        num_blocks: int = 3,
+        layers_per_block: Sequence[int] | None = None,
+        shared_io: bool = True,
+        block_schedule: Literal["random", "phased"] = "random",
+        phase_steps: int = 1000,
+        train_blocks: Sequence[int] | None = None,
+        schedule_seed: int = 0,
+        optimizer: OptimizerCallable = _default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        gradient_clip_val: float | None = 1.0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["network", "optimizer", "lr_scheduler"])
+        self.automatic_optimization = False
+        self.network = BlockwiseNetwork(network, num_blocks, layers_per_block, shared_io)
+        self.schedule = make_schedule(block_schedule, num_blocks, train_blocks, phase_steps, schedule_seed)
+        if gradient_clip_val is not None and gradient_clip_val <= 0:
+            raise ValueError(f"gradient_clip_val must be positive or null, got {gradient_clip_val}")
+        self.gradient_clip_val = gradient_clip_val
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.register_buffer("block_updates", torch.zeros(num_blocks, dtype=torch.long))
+
+    @property
+    def num_blocks(self) -> int:
+        return self.network.num_blocks
+
+    # -- the task's part -------------------------------------------------------------------
+    def block_loss(self, batch, block: int) -> BlockLoss:
+        """Loss of ``block`` on ``batch``, with noise drawn from that block's training range."""
+        raise NotImplementedError
+
+    # -- optimization ----------------------------------------------------------------------
+    def parameter_groups(self) -> list[list[nn.Parameter]]:
+        """One group per block, then the shared input/output group when there is one."""
+        groups = [self.network.block_parameters(b) for b in range(self.num_blocks)]
+        if self.network.shared_io:
+            groups.append(self.network.shared_parameters())
+        return groups
+
+    def configure_optimizers(self):
+        optimizers = [self.optimizer_factory(params) for params in self.parameter_groups()]
+        if self.lr_scheduler_factory is None:
+            return optimizers
+        return optimizers, [self.lr_scheduler_factory(opt) for opt in optimizers]
+
+    def _optimizers_and_schedulers(self, block: int) -> tuple[list, list]:
+        """The optimizers (and schedulers) that step when ``block`` trains: its own, then shared."""
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        schedulers = self.lr_schedulers() or []
+        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+        index = [block] + ([self.num_blocks] if self.network.shared_io else [])
+        return [optimizers[i] for i in index], [schedulers[i] for i in index if i < len(schedulers)]
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        # global_step counts block steps: the shared optimizer is stepped outside Lightning's
+        # counter (below), so max_steps, checkpoint intervals and the schedule all mean "steps".
+        block = self.schedule.block_at(self.global_step)
+        optimizers, schedulers = self._optimizers_and_schedulers(block)
+        out = self.block_loss(batch, block)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.manual_backward(out.loss)
+        params = [p for g in (self.network.block_parameters(block), self.network.shared_parameters()) for p in g]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.gradient_clip_val or float("inf"))
+        optimizers[0].step()
+        for opt in optimizers[1:]:
+            opt.optimizer.step()  # shared parameters: a raw step, not counted as a training step
+        for sched in schedulers:
+            sched.step()
+        self.block_updates[block] += 1
+        self._log_step(block, out, grad_norm)
+        return out.loss.detach()
+
+    def _log_step(self, block: int, out: BlockLoss, grad_norm: torch.Tensor) -> None:
+        n = out.noise_level.shape[0]
+        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=n)
+        self.log("train/block", float(block), prog_bar=True, batch_size=n)
+        self.log_dict(
+            {
+                f"train_loss/block{block}": out.loss.detach(),
+                f"train_loss_unweighted/block{block}": out.unweighted.detach(),
+                f"noise_level_median/block{block}": out.noise_level.detach().float().median(),
+                f"grad_norm/block{block}": grad_norm.detach(),
+                f"updates/block{block}": self.block_updates[block].float(),
+            },
+            batch_size=n,
+        )
