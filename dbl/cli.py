@@ -7,7 +7,10 @@ training step, without training.
 
 from __future__ import annotations
 
+import re
 import sys
+import warnings
+from argparse import ArgumentError
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
@@ -15,8 +18,24 @@ from lightning.pytorch.cli import LightningCLI
 from dbl.training.engine import BlockwiseLightningModule
 
 
-class ConfigError(SystemExit):
+class ConfigError(Exception):
     """A bad value in the configuration: reported as one line, exit status 2."""
+
+
+_NOISE = ("Parser key", "Does not validate", "Subtypes:", "Errors:", "Problem with given class_path", "Given value",
+          "Expected a <class 'NoneType'>")
+
+
+def condense(message: str) -> str:
+    """jsonargparse's nested union report -> ``model.partition: got 'x'; choose one of ...``."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    reasons = [line.strip(" -") for line in message.splitlines()]
+    reasons = [r for r in reasons if r and not r.startswith(_NOISE)] or [message.splitlines()[0]]
+    reason = reasons[0]
+    literal = re.match(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", reason)
+    if literal:
+        reason = f"got {literal.group(2)!r}; choose one of {literal.group(1)}"
+    return f"{'.'.join(keys)}: {reason}" if keys else reason
 
 
 class Trainer(L.Trainer):
@@ -38,10 +57,18 @@ class DBLCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, TypeError) as err:
-            raise ConfigError(f"dbl {self.subcommand}: configuration error: {err}") from err
+            # jsonargparse re-raises our constructors' errors wrapped in a union report; the
+            # original exception (which names the option) is the cause.
+            raise ConfigError(str(err.__cause__ or err)) from err
 
 
 def main(args=None) -> None:
+    # Checkpoints of manual optimization are taken after the step, which is what dbl wants.
+    warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # OnExceptionCheckpoint makes fit resume from its checkpoint when one exists; say so only then.
+    warnings.filterwarnings("ignore", message=r".*\.fit\(ckpt_path=None\)` was called without a model.*")
+    warnings.filterwarnings("ignore", message=r".*ckpt_path=\"last\"\) is set, but there is no last checkpoint.*")
     try:
         DBLCLI(
             BlockwiseLightningModule,
@@ -50,10 +77,14 @@ def main(args=None) -> None:
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False},
             args=args,
         )
+    except ArgumentError as err:
+        print(f"dbl: configuration error: {condense(str(err))}", file=sys.stderr)
+        raise SystemExit(2) from None
     except ConfigError as err:
-        print(err.code, file=sys.stderr)
+        print(f"dbl: configuration error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -1,0 +1,95 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dbl.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "experiments" / "quickstart.yaml")
+
+
+def run_main(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--model.init_args.partition", "bogus"], "model.partition: got 'bogus'; choose one of 'equiprobable'"),
+        (["--model.init_args.num_blocks", "9"], "num_blocks 9 is larger than the network's depth 6"),
+        (["--model.init_args.overlap", "-0.1"], "overlap must be >= 0, got -0.1"),
+        (["--model.init_args.network.init_args.depth", "7"], "set layers_per_block explicitly, e.g. [3, 2, 2]"),
+    ],
+)
+def test_bad_config_gives_one_line_error(override, message, capsys):
+    code, _, err = run_main(["fit", "--config", QUICKSTART, *override], capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("Seed set")]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("dbl: configuration error:") and message in lines[0]
+
+
+def test_info_prints_blocks_and_memory(capsys):
+    main(["info", "--config", QUICKSTART])
+    out = capsys.readouterr().out
+    assert "6 layers in 3 blocks, partition equiprobable, overlap 0.05" in out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in {"0", "1", "2", "shared"}}
+    assert "[0.505, 80]" in rows["0"] and "[0.392, 80]" in rows["0"] and "0-1" in rows["0"]
+    assert "[0.002, 0.1796]" in rows["2"] and "4-5" in rows["2"]
+    for mode in ("end-to-end", "block-wise", "block-wise, offloaded"):
+        assert any(line.startswith(mode) for line in out.splitlines())
+
+
+def test_print_config_roundtrip(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", QUICKSTART, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "class_path: dbl.models.DiT" in capsys.readouterr().out
+
+
+def _dbl(args, cwd):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "dbl", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_quickstart_ctrl_c_checkpoints_and_rerun_resumes(tmp_path):
+    """The quickstart YAML trains; Ctrl-C leaves a checkpoint; the same command resumes from it."""
+    args = ["fit", "--config", QUICKSTART, "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "1",
+            "--trainer.val_check_interval", "3"]
+    # same callbacks, but a periodic checkpoint every 2 steps tells the test that training is under way
+    (tmp_path / "often.yaml").write_text(
+        "trainer:\n  callbacks:\n"
+        "    - {class_path: dbl.callbacks.SampleGrid, init_args: {every_n_steps: 0, per_class: 2, num_steps: 4}}\n"
+        "    - {class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {every_n_train_steps: 2}}\n"
+        "    - {class_path: lightning.pytorch.callbacks.OnExceptionCheckpoint, init_args: {dirpath: checkpoints/quickstart}}\n"
+    )
+    args += ["--config", "often.yaml"]
+    proc = _dbl([*args, "--trainer.max_steps", "100000"], tmp_path)
+    ckpt = tmp_path / "checkpoints" / "quickstart" / "on_exception.ckpt"
+    periodic = tmp_path / "lightning_logs" / "quickstart" / "version_0" / "checkpoints"
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(periodic.glob("*.ckpt")) and proc.poll() is None:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert ckpt.exists(), out
+    step = torch.load(ckpt, weights_only=False)["global_step"]
+    assert step > 0
+
+    proc = _dbl([*args, "--trainer.max_steps", str(step + 2)], tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "Restoring states from the checkpoint path" in out and "on_exception.ckpt" in out
+    assert not ckpt.exists()  # removed once the resumed run completed
+    samples = list((tmp_path / "lightning_logs" / "quickstart" / "version_1" / "samples").glob("*.png"))
+    assert samples, out
