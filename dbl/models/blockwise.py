@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def split_layers(depth: int, num_blocks: int, layers_per_block: Sequence[int] | None = None) -> list[int]:
@@ -44,8 +45,17 @@ class BlockwiseNetwork(nn.Module):
     Block 0 holds the input-side layers (and owns the highest noise, see ``dbl.diffusion.partition``).
     """
 
-    def __init__(self, net: nn.Module, num_blocks: int, layers_per_block: Sequence[int] | None = None, shared_io: bool = True):
+    def __init__(
+        self,
+        net: nn.Module,
+        num_blocks: int,
+        layers_per_block: Sequence[int] | None = None,
+        shared_io: bool = True,
+        activation_checkpointing: bool = False,
+    ):
         super().__init__()
+        # Recompute each layer's activations in backward instead of storing them (training only).
+        self.activation_checkpointing = activation_checkpointing
         for attr in ("layers", "embed", "head"):
             if not hasattr(net, attr):
                 raise TypeError(f"{type(net).__name__} cannot be split into blocks: it has no `{attr}`")
@@ -99,6 +109,7 @@ class BlockwiseNetwork(nn.Module):
         else:
             layers, io = self.block_layers(block), self.io(block)
         h, c = io.embed(x, c_noise, cond)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in layers:
-            h = layer(h, c)
+            h = checkpoint(layer, h, c, use_reentrant=False) if recompute else layer(h, c)
         return io.head(h, c)

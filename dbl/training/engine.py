@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from dbl.models.blockwise import BlockwiseNetwork
+from dbl.training.offload import BlockOffloader
 from dbl.training.schedules import make_schedule
 
 
@@ -54,6 +55,11 @@ class BlockwiseLightningModule(L.LightningModule):
         lr_scheduler: LR scheduler factory, one per optimizer; it steps only when its block
             trains, so a block's warm-up counts that block's own updates.
         gradient_clip_val: max global norm of the gradients of one step (block + shared); None: off.
+        offload_inactive: keep only the training block's weights and optimizer state on the
+            accelerator; the others wait in pinned host memory (``dbl.training.offload``). They
+            move when the training block changes: once per phase with ``phased``, on most steps
+            with ``random``. Evaluation and sampling bring every block back for their duration.
+        activation_checkpointing: recompute each layer's activations in backward (both modes).
     """
 
     def __init__(
@@ -69,22 +75,49 @@ class BlockwiseLightningModule(L.LightningModule):
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         gradient_clip_val: float | None = 1.0,
+        offload_inactive: bool = False,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["network", "optimizer", "lr_scheduler"])
         self.automatic_optimization = False
-        self.network = BlockwiseNetwork(network, num_blocks, layers_per_block, shared_io)
+        self.network = BlockwiseNetwork(network, num_blocks, layers_per_block, shared_io, activation_checkpointing)
         self.schedule = make_schedule(block_schedule, num_blocks, train_blocks, phase_steps, schedule_seed)
         if gradient_clip_val is not None and gradient_clip_val <= 0:
             raise ValueError(f"gradient_clip_val must be positive or null, got {gradient_clip_val}")
         self.gradient_clip_val = gradient_clip_val
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
+        self.offload_inactive = offload_inactive
+        self.offloader: BlockOffloader | None = None
         self.register_buffer("block_updates", torch.zeros(num_blocks, dtype=torch.long))
 
     @property
     def num_blocks(self) -> int:
         return self.network.num_blocks
+
+    def on_fit_start(self) -> None:
+        if self.trainer.precision == "16-mixed":
+            raise ValueError(
+                "trainer.precision '16-mixed' needs loss scaling, which the block-wise manual loop does not do; "
+                "use 'bf16-mixed' or '32-true'"
+            )
+
+    def on_train_start(self) -> None:
+        # After Lightning restored any checkpoint (and moved all optimizer state to the device).
+        if self.offload_inactive:
+            optimizers = self.optimizers()
+            optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+            block_params = [self.network.block_parameters(b) for b in range(self.num_blocks)]
+            self.offloader = BlockOffloader(block_params, [o.optimizer for o in optimizers[: self.num_blocks]], self.device)
+
+    def all_blocks_on_device(self) -> None:
+        """Evaluation and sampling visit every block: bring offloaded blocks back first."""
+        if self.offloader is not None:
+            self.offloader.load_all()
+
+    def on_validation_start(self) -> None:
+        self.all_blocks_on_device()
 
     # -- the task's part -------------------------------------------------------------------
     def block_loss(self, batch, block: int) -> BlockLoss:
@@ -118,6 +151,8 @@ class BlockwiseLightningModule(L.LightningModule):
         # global_step counts block steps: the shared optimizer is stepped outside Lightning's
         # counter (below), so max_steps, checkpoint intervals and the schedule all mean "steps".
         block = self.schedule.block_at(self.global_step)
+        if self.offloader is not None:
+            self.offloader.activate(block)
         optimizers, schedulers = self._optimizers_and_schedulers(block)
         out = self.block_loss(batch, block)
         for opt in optimizers:

@@ -165,6 +165,7 @@ class ImageDiffusionModule(BlockwiseLightningModule):
             labels = labels.to(self.device)
             null = torch.full_like(labels, self.network.net.null_label)
             denoiser = cfg_denoiser(conditional, labels, null, opts["cfg_scale"])
+        self.all_blocks_on_device()
         with self._eval_mode():
             return sample(denoiser, noise, sigmas, opts["solver"])
 
