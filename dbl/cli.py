@@ -62,6 +62,20 @@ class DBLCLI(LightningCLI):
             raise ConfigError(str(err.__cause__ or err)) from err
 
 
+def load_experiment(config: str, overrides: list[str] = ()) -> DBLCLI:
+    """Build an experiment's model, data and trainer from its YAML without running anything
+    (for tools and notebooks): ``cli.model``, ``cli.datamodule``, ``cli.trainer``."""
+    return DBLCLI(
+        BlockwiseLightningModule,
+        L.LightningDataModule,
+        trainer_class=Trainer,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=["--config", config, *overrides],
+    )
+
+
 def main(args=None) -> None:
     # Checkpoints of manual optimization are taken after the step, which is what dbl wants.
     warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")

@@ -14,6 +14,71 @@ import torch
 from torch import nn
 
 
+class SavedTensorCounter:
+    """Context manager: bytes of distinct tensors saved for backward, parameters excluded.
+
+    ``key()`` is asked at each new tensor; ``by_key`` sums the bytes per answer (used to attribute
+    activations to the layer that saved them).
+    """
+
+    def __init__(self, parameters, key=lambda: None):
+        self.parameters = list(parameters)
+        self.param_ptrs: set[int] | None = None  # read at the first saved tensor: offloading may move weights before
+        self.key = key
+        self.seen: set[int] = set()
+        self.bytes = 0
+        self.by_key: dict = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if self.param_ptrs is None:
+            self.param_ptrs = {p.untyped_storage().data_ptr() for p in self.parameters}
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self.seen and ptr not in self.param_ptrs:
+            self.seen.add(ptr)
+            n = t.untyped_storage().nbytes()
+            self.bytes += n
+            k = self.key()
+            self.by_key[k] = self.by_key.get(k, 0) + n
+        return t
+
+    def __enter__(self) -> SavedTensorCounter:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def _tensor_bytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def resident_state_bytes(module, optimizers) -> dict[str, int]:
+    """Bytes of weights, gradients and optimizer state that sit on the accelerator now, by kind.
+
+    A block offloaded by ``module.offloader`` does not count (on a CPU-only run, where "device"
+    and "storage" are both host memory, this follows the offloader's bookkeeping).
+    """
+    offloader = getattr(module, "offloader", None)
+    offloaded = set()
+    if offloader is not None:
+        for b, where in enumerate(offloader.location):
+            if where == "storage":
+                offloaded |= {id(p) for p in module.network.block_parameters(b)}
+    out = {"weights": 0, "grads": 0, "optimizer": 0}
+    for p in module.parameters():
+        if id(p) in offloaded:
+            continue
+        out["weights"] += _tensor_bytes(p.data)
+        out["grads"] += _tensor_bytes(p.grad)
+        for opt in optimizers:
+            for value in opt.state.get(p, {}).values():
+                if torch.is_tensor(value):
+                    out["optimizer"] += _tensor_bytes(value)
+    return out
+
+
 @dataclass
 class ActivationProfile:
     io_bytes: int  # per sample, input/output part (embedding, head, loss), max over blocks
@@ -30,17 +95,7 @@ class ActivationProfile:
 def profile_activations(module, batch, batch_size: int) -> ActivationProfile:
     """Per-sample activation bytes of ``module.block_loss`` for each block, split by layer."""
     layers = list(module.network.net.layers)
-    param_ptrs = {p.untyped_storage().data_ptr() for p in module.parameters()}
     current: list[int | None] = [None]  # index of the layer running now, None: input/output part
-    seen: set[int] = set()
-    counts: dict[int | None, int] = {}
-
-    def pack(t: torch.Tensor):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen and ptr not in param_ptrs:
-            seen.add(ptr)
-            counts[current[0]] = counts.get(current[0], 0) + t.untyped_storage().nbytes()
-        return t
 
     def enter(i):
         def hook(*_):
@@ -57,10 +112,9 @@ def profile_activations(module, batch, batch_size: int) -> ActivationProfile:
     io_bytes, per_layer = 0, [0] * len(layers)
     try:
         for block in range(module.num_blocks):
-            seen.clear()
-            counts.clear()
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with SavedTensorCounter(module.parameters(), key=lambda: current[0]) as counter:
                 module.block_loss(batch, block)
+            counts = counter.by_key
             io_bytes = max(io_bytes, counts.get(None, 0))
             for i in range(*module.network.bounds[block]):
                 per_layer[i] = counts.get(i, 0)

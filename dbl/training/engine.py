@@ -155,14 +155,14 @@ class BlockwiseLightningModule(L.LightningModule):
             self.offloader.activate(block)
         optimizers, schedulers = self._optimizers_and_schedulers(block)
         out = self.block_loss(batch, block)
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
         self.manual_backward(out.loss)
         params = [p for g in (self.network.block_parameters(block), self.network.shared_parameters()) for p in g]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.gradient_clip_val or float("inf"))
         optimizers[0].step()
         for opt in optimizers[1:]:
             opt.optimizer.step()  # shared parameters: a raw step, not counted as a training step
+        for opt in optimizers:  # free the gradients now: an idle block must not hold them
+            opt.zero_grad(set_to_none=True)
         for sched in schedulers:
             sched.step()
         self.block_updates[block] += 1

@@ -134,6 +134,12 @@ class ImageDiffusionModule(BlockwiseLightningModule):
         net = self.network.net
         return (net.in_channels, net.input_size, net.input_size)
 
+    def example_batch(self, batch_size: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Random data of the right shape (for benchmarks that measure memory and speed, not quality)."""
+        x = torch.rand(batch_size, *self.image_shape, device=device) * 2 - 1
+        num_classes = getattr(self.network.net, "num_classes", 0)
+        return x, (torch.randint(0, num_classes, (batch_size,), device=device) if num_classes else None)
+
     def sample(
         self,
         labels: torch.Tensor | None = None,

@@ -1,0 +1,123 @@
+"""Shared machinery of ``tools/bench_memory.py`` and ``tools/bench_speed.py``.
+
+A *variant* is the experiment's model rebuilt with overrides (number of blocks, activation
+checkpointing, offloading), trained for a few steps on random data of the right shape by a plain
+Lightning Trainer, with callbacks that measure each step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dbl.cli import load_experiment
+
+
+@dataclass
+class Variant:
+    name: str
+    num_blocks: int
+    activation_checkpointing: bool = False
+    offload: bool = False
+    overrides: list[str] = field(default_factory=list)
+
+    def cli_overrides(self, depth: int) -> list[str]:
+        base, extra = divmod(depth, self.num_blocks)
+        split = [base + (i < extra) for i in range(self.num_blocks)]
+        return [
+            "--model.init_args.num_blocks", str(self.num_blocks),
+            "--model.init_args.layers_per_block", str(split),
+            "--model.init_args.activation_checkpointing", str(self.activation_checkpointing).lower(),
+            "--model.init_args.offload_inactive", str(self.offload).lower(),
+            # phase of one step: each block trains once per B steps, so every block's optimizer
+            # state exists after B warm-up steps and every block is measured
+            "--model.init_args.block_schedule", "phased",
+            "--model.init_args.phase_steps", "1",
+            *self.overrides,
+        ]
+
+
+def standard_variants(blocks: list[int], offload: bool = True) -> list[Variant]:
+    out = [Variant("end-to-end", 1), Variant("end-to-end + act. ckpt", 1, activation_checkpointing=True)]
+    for b in blocks:
+        out.append(Variant(f"block-wise B={b}", b))
+        out.append(Variant(f"block-wise B={b} + act. ckpt", b, activation_checkpointing=True))
+        if offload:
+            out.append(Variant(f"block-wise B={b} + offload", b, offload=True))
+    return out
+
+
+def build(config: str, variant: Variant, depth: int):
+    cli = load_experiment(config, variant.cli_overrides(depth))
+    return cli.model, cli.datamodule
+
+
+def network_depth(config: str) -> int:
+    return len(load_experiment(config).model.network.net.layers)
+
+
+class RepeatBatch(Dataset):
+    def __init__(self, batch, n):
+        self.batch, self.n = batch, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.batch
+
+
+def _unbatch(items):
+    return items[0]
+
+
+def run_steps(module, batch, steps: int, callbacks, accelerator: str) -> L.Trainer:
+    """Train ``module`` for ``steps`` steps on ``batch`` repeated, with a bare Trainer."""
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )
+    loader = DataLoader(RepeatBatch(batch, steps), batch_size=1, collate_fn=_unbatch)
+    trainer.fit(module, loader)
+    return trainer
+
+
+class StepTimer(L.Callback):
+    """Wall time of each training step (CUDA-synchronised)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.blocks: list[int] = []
+
+    def _sync(self, pl_module):
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._sync(pl_module)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._sync(pl_module)
+        self.times.append(time.perf_counter() - self._start)
+        self.blocks.append(pl_module.schedule.block_at(trainer.global_step - 1))
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def default_accelerator() -> str:
+    return "gpu" if torch.cuda.is_available() else "cpu"
