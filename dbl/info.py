@@ -9,8 +9,8 @@ from dbl.memory import count, estimate_training_memory, profile_activations
 PROFILE_BATCH = 4  # samples actually run to measure activations; bytes scale linearly to the real batch
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.3f}"
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f}"
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -52,12 +52,12 @@ def describe(module, datamodule: L.LightningDataModule | None) -> str:
     profile = profile_activations(module, small, min(PROFILE_BATCH, batch_size))
     est = estimate_training_memory(module, profile, batch_size)
     base = est["end-to-end"].total
-    rows = [["mode", "weights", "grads", "optimizer", "activations", "total (GiB)", "vs end-to-end"]]
+    rows = [["mode", "weights", "grads", "optimizer", "activations", "total", "vs end-to-end"]]
     for mode, e in est.items():
-        rows.append([mode, _gib(e.weights), _gib(e.grads), _gib(e.optimizer), _gib(e.activations), _gib(e.total),
+        rows.append([mode, _mib(e.weights), _mib(e.grads), _mib(e.optimizer), _mib(e.activations), _mib(e.total),
                      f"{e.total / base:.2f}x"])
     out += [
-        f"Estimated memory of one training step, batch {batch_size}, fp32, Adam (GiB; activations measured "
+        f"Estimated memory of one training step, batch {batch_size}, fp32, Adam (MiB; activations measured "
         f"on {min(PROFILE_BATCH, batch_size)} samples and scaled):",
         _table(rows),
         "block-wise keeps every block's weights and optimizer state resident; 'offloaded' keeps only the "

@@ -9,6 +9,7 @@ checkpoints and the module keep working) and the exact values (copies are bit-ex
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
@@ -35,6 +36,7 @@ class BlockOffloader:
         self.location = ["device"] * len(self.block_params)
         self.moves = 0
         self.bytes_moved = 0
+        self.seconds = 0.0  # wall time spent moving, for the cost of offloading
 
     def _move(self, block: int, where: str) -> None:
         if self.location[block] == where:
@@ -62,14 +64,23 @@ class BlockOffloader:
         """Make ``block`` resident on the device and every other block resident in storage."""
         if block == self.active:
             return
+        start = time.perf_counter()
         for b in range(len(self.block_params)):
             if b != block:
                 self._move(b, "storage")
         self._move(block, "device")
         self.active = block
+        self._account(start)
 
     def load_all(self) -> None:
         """Every block on the device (for evaluation and sampling, which visit all blocks)."""
+        start = time.perf_counter()
         for b in range(len(self.block_params)):
             self._move(b, "device")
         self.active = None
+        self._account(start)
+
+    def _account(self, start: float) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds += time.perf_counter() - start
