@@ -93,3 +93,10 @@ def test_quickstart_ctrl_c_checkpoints_and_rerun_resumes(tmp_path):
     assert not ckpt.exists()  # removed once the resumed run completed
     samples = list((tmp_path / "lightning_logs" / "quickstart" / "version_1" / "samples").glob("*.png"))
     assert samples, out
+    # a checkpoint written by `dbl fit` rebuilds the whole module from its YAML hyperparameters
+    from dbl import ImageDiffusionModule
+
+    last = sorted((tmp_path / "lightning_logs" / "quickstart" / "version_1" / "checkpoints").glob("*.ckpt"))[-1]
+    module = ImageDiffusionModule.load_from_checkpoint(last)
+    assert module.num_blocks == 3
+    assert module.sample(labels=torch.arange(2), num_steps=3).shape == (2, 1, 8, 8)

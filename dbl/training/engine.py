@@ -17,6 +17,7 @@ from typing import Literal, NamedTuple
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
 
 from dbl.models.blockwise import BlockwiseNetwork
@@ -79,7 +80,11 @@ class BlockwiseLightningModule(L.LightningModule):
         activation_checkpointing: bool = False,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["network", "optimizer", "lr_scheduler"])
+        # Under LightningCLI the hyperparameters are the YAML's (network and optimizer as class_path
+        # dicts), so `load_from_checkpoint` rebuilds everything; built in Python, the network and
+        # factories are objects that do not belong in a checkpoint's hyperparameters.
+        from_yaml = _given_hyperparameters.get() is not None
+        self.save_hyperparameters(ignore=[] if from_yaml else ["network", "optimizer", "lr_scheduler"])
         self.automatic_optimization = False
         self.network = BlockwiseNetwork(network, num_blocks, layers_per_block, shared_io, activation_checkpointing)
         self.schedule = make_schedule(block_schedule, num_blocks, train_blocks, phase_steps, schedule_seed)
