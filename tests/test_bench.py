@@ -59,5 +59,5 @@ def test_bench_speed(tiny_config, capsys, monkeypatch):
     out = run_tool("bench_speed.py", ["--config", tiny_config, "--blocks", "3", "--steps", "2", "--sample-steps", "3",
                                       "--num-samples", "2", "--phase-steps", "2"], capsys, monkeypatch)
     rows = rows_of(out)
-    assert set(rows) == {"end-to-end", "block-wise B=3"}
+    assert set(rows) == {"end-to-end", "block-wise B=3", "block-wise B=3 + offload, new block every step"}
     assert rows["block-wise B=3"][-1].endswith("%")

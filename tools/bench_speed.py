@@ -5,7 +5,8 @@
 Prints the median training-step time of each variant, the cost of B block-wise steps relative to
 one end-to-end step (equal layer-updates; the paper measured 1.07x), the time to sample with N
 solver steps (each step runs one block, so block-wise should be about B times faster), and the
-share of a phase spent moving blocks when inactive blocks are offloaded.
+share of a phase spent moving blocks when inactive blocks are offloaded, and the step time when
+the block changes at every step with offloading on (the random schedule's worst case).
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ def main() -> None:
         share = offload_share(args.config, b, depth, args.batch_size, args.phase_steps, accelerator)
         rows.append([f"block-wise B={b}", f"{step * 1e3:.1f}", f"{b * step / e2e_step:.2f}", f"{sample:.3f}",
                      f"{e2e_sample / sample:.2f}", f"{share:.2%}"])
+        # offloading when the block changes at every step: the worst case of the random schedule
+        moving, _ = median_step(args.config, Variant(f"B={b} offload", b, offload=True), depth, args.batch_size,
+                                args.steps, accelerator)
+        rows.append([f"block-wise B={b} + offload, new block every step", f"{moving * 1e3:.1f}",
+                     f"{b * moving / e2e_step:.2f}", "-", "-", "-"])
     device = torch.cuda.get_device_name() if accelerator == "gpu" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\nSpeed, {args.config}, batch {args.batch_size}, median of {args.steps} steps after warm-up, "
           f"sampling {args.num_samples} samples x {args.sample_steps} steps, phases of {args.phase_steps} steps, {device}")
