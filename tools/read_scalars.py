@@ -18,12 +18,14 @@ def main() -> None:
     args = parser.parse_args()
     acc = EventAccumulator(args.logdir, size_guidance={"scalars": 0})
     acc.Reload()
-    tags = args.tags or sorted(acc.Tags()["scalars"])
+    available = set(acc.Tags()["scalars"])
+    tags = args.tags or sorted(available)
     print(f"{'tag':40s} {'step':>7s} {'last':>10s} {'mean(last ' + str(args.window) + ')':>14s}")
     for tag in tags:
-        events = acc.Scalars(tag)
-        if not events:
+        if tag not in available:
+            print(f"{tag:40s} (not logged in this run)")
             continue
+        events = acc.Scalars(tag)
         tail = [e.value for e in events[-args.window:]]
         print(f"{tag:40s} {events[-1].step:7d} {events[-1].value:10.4f} {sum(tail) / len(tail):14.4f}")
 
