@@ -12,6 +12,7 @@ import sys
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
+from dbl.data.images import MissingDataError
 from dbl.training.engine import BlockwiseLightningModule
 
 
@@ -54,6 +55,9 @@ def main(args=None) -> None:
         )
     except ConfigError as err:
         print(err.code, file=sys.stderr)
+        raise SystemExit(2) from None
+    except MissingDataError as err:  # data found missing only when a run starts (e.g. a failed download)
+        print(f"dbl: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
