@@ -248,3 +248,42 @@ def test_imagenet_missing_tree_is_one_line_error(tmp_path):
         ImageNetDataModule(root=str(tmp_path)).prepare_data()
     with pytest.raises(MissingDataError, match="encode_latents"):
         ImageNetDataModule(latents=str(tmp_path)).prepare_data()
+
+
+def test_encode_latents_tool_with_a_real_tiny_autoencoder(tmp_path):
+    """tools/encode_latents.py end to end with diffusers' AutoencoderKL (random weights, saved locally)."""
+    diffusers = pytest.importorskip("diffusers")
+    import runpy
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4, layers_per_block=1)
+    vae.save_pretrained(tmp_path / "vae")
+    write_image_tree(tmp_path / "img")
+    tool = runpy.run_path(str(Path(__file__).parent.parent / "tools" / "encode_latents.py"), run_name="encode_latents")
+    tool["main"](["--data", str(tmp_path / "img"), "--split", "train", "--out", str(tmp_path / "lat" / "train"),
+                  "--vae", str(tmp_path / "vae"), "--image_size", "16", "--batch_size", "2", "--shard_size", "2",
+                  "--num_workers", "0", "--device", "cpu", "--flips"])
+    ds = LatentShardDataset(tmp_path / "lat" / "train")
+    assert len(ds) == 3 and ds.meta["views"] == 2 and ds.scale_factor == pytest.approx(0.18215)
+    z, label = ds[0]
+    assert z.shape == (4, 8, 8) and label == 0
+    dm = ImageNetDataModule(root=str(tmp_path / "img"), latents=str(tmp_path / "lat"), image_size=16, num_workers=0)
+    decoded = dm.decode_samples(z[None])  # loads the VAE named in meta.json
+    with torch.no_grad():
+        expected = vae.decode(z[None] / ds.scale_factor).sample.clamp(-1, 1)
+    assert decoded.shape == (1, 3, 16, 16) and torch.allclose(decoded, expected, atol=1e-5)
+
+
+def test_sample_grid_decodes_latents(tiny_module):
+    from conftest import tiny_dit
+
+    from dbl.callbacks import SampleGrid
+
+    module = tiny_module(net=tiny_dit(in_channels=4))
+    grid = SampleGrid(num_classes=2, per_class=2, num_steps=2)
+    assert grid.make_grid(module).shape[0] == 4  # raw latents
+    decoded = grid.make_grid(module, decode=lambda z: torch.tanh(z[:, :3]))
+    assert decoded.shape[0] == 3

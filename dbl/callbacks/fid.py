@@ -141,9 +141,11 @@ class FID(L.Callback):
         for start in range(0, self.num_samples, self.batch_size):
             n = min(self.batch_size, self.num_samples - start)
             batch_labels = None if labels is None else labels[start:start + n]
-            images = pl_module.sample(labels=batch_labels, num_samples=n, generator=gen, **self.sampler)
-            if decode is not None:
-                images = decode(images)
+            # the trainer's precision (e.g. bf16 autocast): callback hooks run outside it otherwise
+            with trainer.precision_plugin.forward_context():
+                images = pl_module.sample(labels=batch_labels, num_samples=n, generator=gen, **self.sampler)
+                if decode is not None:
+                    images = decode(images)
             yield to_uint8(images).cpu(), batch_labels
 
     @rank_zero_only
