@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -167,7 +168,13 @@ class FID(L.Callback):
             started_seed = time.perf_counter()
             parts: dict[str, list[torch.Tensor]] = {}
             saved_images, saved_labels = [], []
-            for index, (images, labels) in enumerate(self.generate(trainer, pl_module, seed)):
+            sampling_seconds, batches = 0.0, self.generate(trainer, pl_module, seed)
+            for index in itertools.count():
+                tic = time.perf_counter()
+                images, labels = next(batches, (None, None))
+                sampling_seconds += time.perf_counter() - tic
+                if images is None:
+                    break
                 for k, v in extractor(images).items():
                     parts.setdefault(k, []).append(v)
                 if self.save_samples != "none":
@@ -178,6 +185,7 @@ class FID(L.Callback):
             if self.inception_score:
                 scores["inception_score"] = inception_score(features["logits_unbiased"])[0]
             scores["seconds"] = time.perf_counter() - started_seed
+            scores["sampling_seconds"] = sampling_seconds
             per_seed[seed] = scores
             if self.save_samples == "npz":
                 self._write_npz(trainer, seed, saved_images, saved_labels)
