@@ -15,6 +15,7 @@ from argparse import ArgumentError
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
+from dbl.data.images import MissingDataError
 from dbl.training.engine import BlockwiseLightningModule
 
 
@@ -99,6 +100,9 @@ def main(args=None) -> None:
         raise SystemExit(2) from None
     except ConfigError as err:
         print(f"dbl: configuration error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except MissingDataError as err:  # data found missing only when a run starts (e.g. a failed download)
+        print(f"dbl: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

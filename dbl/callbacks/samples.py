@@ -45,13 +45,16 @@ class SampleGrid(L.Callback):
         self.save_png = save_png
         self._last_step = -1
 
-    def make_grid(self, pl_module) -> torch.Tensor:
+    def make_grid(self, pl_module, decode=None) -> torch.Tensor:
+        """``decode``: latents -> pixels in [-1, 1] (the DataModule's ``decode_samples``), for latent models."""
         gen = torch.Generator().manual_seed(self.seed)
         if self.num_classes > 0:
             labels = torch.arange(self.num_classes).repeat_interleave(self.per_class)
             images = pl_module.sample(labels=labels, generator=gen, **self.sampler)
         else:
             images = pl_module.sample(num_samples=self.per_class * 8, generator=gen, **self.sampler)
+        if decode is not None:
+            images = decode(images)
         images = ((images.clamp(-1, 1) + 1) / 2).cpu()
         if images.shape[-1] < self.min_pixels:  # small images (digits are 8x8): enlarge so a person can see them
             images = torch.nn.functional.interpolate(images, scale_factor=-(-self.min_pixels // images.shape[-1]), mode="nearest")
@@ -63,7 +66,7 @@ class SampleGrid(L.Callback):
         if step == self._last_step:
             return
         self._last_step = step
-        grid = self.make_grid(pl_module)
+        grid = self.make_grid(pl_module, getattr(trainer.datamodule, "decode_samples", None))
         logger = trainer.logger
         if logger is not None and hasattr(logger.experiment, "add_image"):
             logger.experiment.add_image("samples", grid, global_step=step)

@@ -1,5 +1,13 @@
 """LightningDataModules."""
 
+from dbl.data.cifar10 import CIFAR10DataModule
 from dbl.data.digits import DigitsDataModule
+from dbl.data.fashion_mnist import FashionMNISTDataModule
+from dbl.data.imagenet import ImageNetDataModule
+from dbl.data.images import MissingDataError
+from dbl.data.latents import LatentShardDataset
 
-__all__ = ["DigitsDataModule"]
+__all__ = [
+    "CIFAR10DataModule", "DigitsDataModule", "FashionMNISTDataModule", "ImageNetDataModule", "LatentShardDataset",
+    "MissingDataError",
+]

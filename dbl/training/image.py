@@ -64,6 +64,7 @@ class ImageDiffusionModule(BlockwiseLightningModule):
         self.loss_weighting, self.max_loss_weight = loss_weighting, max_loss_weight
         self.sample_defaults = dict(num_steps=sample_steps, solver=sample_solver, grid=sample_grid, cfg_scale=cfg_scale)
         self.val_loss, self.val_mse = MeanMetric(), MeanMetric()
+        self.test_loss, self.test_mse = MeanMetric(), MeanMetric()
         self.val_block_loss = nn.ModuleList(MeanMetric() for _ in range(self.num_blocks))
 
     # -- the denoiser ----------------------------------------------------------------------
@@ -95,6 +96,17 @@ class ImageDiffusionModule(BlockwiseLightningModule):
         unweighted. Noise is seeded by the batch index, so every evaluation and every model
         (block-wise or end-to-end) sees the same sigmas and noise.
         """
+        owner, mse, weighted = self._routed_loss(batch, batch_idx)
+        x = batch[0]
+        for block in owner.unique().tolist():
+            self.val_block_loss[block].update(weighted[owner == block])
+        self.val_loss.update(weighted)
+        self.val_mse.update(mse)
+        self.log("val/loss", self.val_loss, prog_bar=True, batch_size=x.shape[0])
+        self.log("val/mse", self.val_mse, batch_size=x.shape[0])
+
+    def _routed_loss(self, batch, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(owning block, unweighted mse, EDM-weighted loss) per sample, noise seeded by ``batch_idx``."""
         x, labels = batch
         gen = torch.Generator().manual_seed(batch_idx)
         sigma = self.density.sample(x.shape[0], self.sigma_min, self.sigma_max, generator=gen, device=x.device)
@@ -104,13 +116,15 @@ class ImageDiffusionModule(BlockwiseLightningModule):
         for block in owner.unique().tolist():
             idx = owner == block
             mse[idx] = self.per_sample_loss(x[idx], None if labels is None else labels[idx], sigma[idx], noise[idx], block)
-        weighted = loss_weight(sigma, self.sigma_data) * mse
-        for block in owner.unique().tolist():
-            self.val_block_loss[block].update(weighted[owner == block])
-        self.val_loss.update(weighted)
-        self.val_mse.update(mse)
-        self.log("val/loss", self.val_loss, prog_bar=True, batch_size=x.shape[0])
-        self.log("val/mse", self.val_mse, batch_size=x.shape[0])
+        return owner, mse, loss_weight(sigma, self.sigma_data) * mse
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        """The validation loss on the test loader, as ``test/loss`` and ``test/mse`` (FID: ``dbl.callbacks.FID``)."""
+        _, mse, weighted = self._routed_loss(batch, batch_idx)
+        self.test_loss.update(weighted)
+        self.test_mse.update(mse)
+        self.log("test/loss", self.test_loss, batch_size=mse.shape[0])
+        self.log("test/mse", self.test_mse, batch_size=mse.shape[0])
 
     def on_validation_epoch_end(self) -> None:
         for block, metric in enumerate(self.val_block_loss):

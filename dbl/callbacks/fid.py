@@ -1,0 +1,238 @@
+"""FID of samples generated through the block chain, against a DataModule's train or test images."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from torch.utils.data import Subset
+
+from dbl.data.images import ReferenceImages, to_uint8
+from dbl.evaluation.fid import INCEPTION, FeatureExtractor, frechet_distance, inception_score, reference_statistics, statistics
+
+
+class FID(L.Callback):
+    """Generate ``num_samples`` images with ``pl_module.sample`` and score them with torch-fidelity's FID.
+
+    Runs at ``dbl test`` (``on_test_epoch_end``) and, with ``every_n_epochs > 0``, after validation.
+    Logs ``fid/<split>`` for each reference split: the minimum over ``seeds`` (the paper reports
+    the minimum of 3), and ``fid/<split>/seed<k>`` for each seed when there are several; with
+    ``inception_score``, ``inception_score`` (the maximum over seeds). A JSON of every number and
+    setting is written to ``<log_dir>/fid_<stage>_step<k>.json`` (k: the model's training steps).
+
+    The DataModule provides the reference images via ``fid_reference(split)`` and, for latent
+    models, ``decode_samples(latents)`` (pixels in [-1, 1]) so that FID sees images. Labels are
+    balanced over the model's classes (shuffled by the seed); unconditional models get none.
+    Reference statistics are cached next to the data, keyed by a hash of the images and the
+    feature extractor, so they are computed once. Runs on global rank 0 only.
+
+    Args:
+        num_samples: generated images per seed (paper: 50,000).
+        reference_splits: which of the DataModule's splits to compare against (``train``, ``test``).
+        reference_size: use only the first n images of each reference split (None: all of it, as the
+            paper); for quick CPU runs, where Inception features cost about half a second per image.
+        seeds: one FID per seed (noise and labels); the logged value is the minimum.
+        num_steps, solver, grid, cfg_scale: sampler settings; None uses the module's defaults
+            (the paper: Euler, 50 steps, CFG 2.0).
+        batch_size: samples generated (and featurised) at once.
+        every_n_epochs: also evaluate after every n-th epoch's validation; 0: only at test.
+        feature_extractor, feature_layer: torch-fidelity extractor and layer (standard FID:
+            ``inception-v3-compat``, ``2048``).
+        feature_extractor_weights_path: weights for machines without internet (not needed when
+            ``shared/tools/offline_assets.sh`` has put them in ``$TORCH_HOME/hub/checkpoints``).
+        inception_score: also compute the Inception Score (needs weights with the logits layer).
+        save_samples: ``png`` (one file per image, ``seed<k>/<index>.png``) or ``npz`` (``arr_0``
+            uint8 NHWC and ``arr_1`` labels, the layout external evaluators read); ``none``.
+        samples_dir: where samples go; default ``<log_dir>/fid_samples``.
+        stats_cache_dir: folder for reference statistics; default the DataModule's cache folder.
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 50_000,
+        reference_splits: list[str] = ["train", "test"],  # noqa: B006 - jsonargparse shows the default
+        reference_size: int | None = None,
+        seeds: list[int] = [0],  # noqa: B006
+        num_steps: int | None = None,
+        solver: str | None = None,
+        grid: str | None = None,
+        cfg_scale: float | None = None,
+        batch_size: int = 250,
+        every_n_epochs: int = 0,
+        feature_extractor: str = INCEPTION,
+        feature_layer: str = "2048",
+        feature_extractor_weights_path: str | None = None,
+        inception_score: bool = False,
+        save_samples: Literal["none", "png", "npz"] = "none",
+        samples_dir: str | None = None,
+        stats_cache_dir: str | None = None,
+    ):
+        if num_samples < 2:
+            raise ValueError(f"num_samples must be >= 2 (FID needs a covariance), got {num_samples}")
+        if not seeds:
+            raise ValueError("seeds is empty; give at least one evaluation seed")
+        if not reference_splits:
+            raise ValueError("reference_splits is empty; give 'train' and/or 'test'")
+        if save_samples not in ("none", "png", "npz"):
+            raise ValueError(f"save_samples must be 'none', 'png' or 'npz', got {save_samples!r}")
+        if reference_size is not None and reference_size < 2:
+            raise ValueError(f"reference_size must be >= 2 or null, got {reference_size}")
+        self.num_samples, self.reference_splits, self.seeds = num_samples, list(reference_splits), list(seeds)
+        self.reference_size = reference_size
+        self.sampler = dict(num_steps=num_steps, solver=solver, grid=grid, cfg_scale=cfg_scale)
+        self.batch_size, self.every_n_epochs = batch_size, every_n_epochs
+        self.extractor_args = dict(name=feature_extractor, layer=feature_layer, weights_path=feature_extractor_weights_path,
+                                   inception_score=inception_score)
+        self.inception_score = inception_score
+        self.save_samples, self.samples_dir, self.stats_cache_dir = save_samples, samples_dir, stats_cache_dir
+        self._extractor: FeatureExtractor | None = None
+        self._last_evaluated_epoch = -1
+
+    # -- hooks -----------------------------------------------------------------------------
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        epoch = trainer.current_epoch
+        if (trainer.sanity_checking or self.every_n_epochs <= 0 or (epoch + 1) % self.every_n_epochs
+                or epoch == self._last_evaluated_epoch):
+            return
+        self._last_evaluated_epoch = epoch
+        self._log(pl_module, self.evaluate(trainer, pl_module, "val"))
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        self._log(pl_module, self.evaluate(trainer, pl_module, "test"))
+
+    def _log(self, pl_module, results: dict | None) -> None:
+        if results is None:  # ranks other than 0 computed nothing
+            return
+        for name, value in results["metrics"].items():
+            pl_module.log(name, value, rank_zero_only=True)
+
+    # -- the evaluation --------------------------------------------------------------------
+    def _log_dir(self, trainer: L.Trainer) -> Path:
+        logger = trainer.logger
+        return Path(logger.log_dir if logger is not None and getattr(logger, "log_dir", None) else trainer.default_root_dir)
+
+    def _reference(self, datamodule, split: str) -> ReferenceImages:
+        reference = datamodule.fid_reference(split)
+        if self.reference_size is None or self.reference_size >= len(reference.dataset):
+            return reference
+        subset = Subset(reference.dataset, range(self.reference_size))
+        return ReferenceImages(subset, {**reference.description, "n": self.reference_size}, reference.cache_dir)
+
+    def _labels(self, pl_module, seed: int) -> torch.Tensor | None:
+        num_classes = getattr(pl_module.network.net, "num_classes", 0)
+        if not num_classes:
+            return None
+        gen = torch.Generator().manual_seed(seed)
+        labels = torch.arange(self.num_samples) % num_classes
+        return labels[torch.randperm(self.num_samples, generator=gen)]
+
+    def generate(self, trainer: L.Trainer, pl_module, seed: int):
+        """Yield (uint8 images [n, C, H, W], labels or None) batch by batch for one seed."""
+        labels = self._labels(pl_module, seed)
+        gen = torch.Generator().manual_seed(seed)
+        decode = getattr(trainer.datamodule, "decode_samples", None)
+        for start in range(0, self.num_samples, self.batch_size):
+            n = min(self.batch_size, self.num_samples - start)
+            batch_labels = None if labels is None else labels[start:start + n]
+            # the trainer's precision (e.g. bf16 autocast): callback hooks run outside it otherwise
+            with trainer.precision_plugin.forward_context():
+                images = pl_module.sample(labels=batch_labels, num_samples=n, generator=gen, **self.sampler)
+                if decode is not None:
+                    images = decode(images)
+            yield to_uint8(images).cpu(), batch_labels
+
+    @rank_zero_only
+    def evaluate(self, trainer: L.Trainer, pl_module, stage: str = "test") -> dict:
+        """Compute FID against each reference split for each seed; returns metrics and settings."""
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "fid_reference"):
+            raise ValueError("the FID callback needs a DataModule with fid_reference(split), e.g. dbl.data.CIFAR10DataModule")
+        if self._extractor is None or self._extractor.device != pl_module.device:
+            self._extractor = FeatureExtractor(**self.extractor_args, device=pl_module.device)
+        extractor = self._extractor
+        started = time.perf_counter()
+        reference_sets = {split: self._reference(datamodule, split) for split in self.reference_splits}
+        references = {split: reference_statistics(ref, extractor, self.batch_size, self.stats_cache_dir)
+                      for split, ref in reference_sets.items()}
+        reference_seconds = time.perf_counter() - started
+        per_seed: dict[int, dict[str, float]] = {}
+        for seed in self.seeds:
+            started_seed = time.perf_counter()
+            parts: dict[str, list[torch.Tensor]] = {}
+            saved_images, saved_labels = [], []
+            sampling_seconds, batches = 0.0, self.generate(trainer, pl_module, seed)
+            for index in itertools.count():
+                tic = time.perf_counter()
+                images, labels = next(batches, (None, None))
+                sampling_seconds += time.perf_counter() - tic
+                if images is None:
+                    break
+                for k, v in extractor(images).items():
+                    parts.setdefault(k, []).append(v)
+                if self.save_samples != "none":
+                    self._save_batch(trainer, seed, index * self.batch_size, images, labels, saved_images, saved_labels)
+            features = {k: torch.cat(v) for k, v in parts.items()}
+            generated = statistics(features[extractor.layer])
+            scores = {f"fid/{split}": frechet_distance(generated, ref) for split, ref in references.items()}
+            if self.inception_score:
+                scores["inception_score"] = inception_score(features["logits_unbiased"])[0]
+            scores["seconds"] = time.perf_counter() - started_seed
+            scores["sampling_seconds"] = sampling_seconds
+            per_seed[seed] = scores
+            if self.save_samples == "npz":
+                self._write_npz(trainer, seed, saved_images, saved_labels)
+        metrics = {f"fid/{split}": min(s[f"fid/{split}"] for s in per_seed.values()) for split in self.reference_splits}
+        if self.inception_score:
+            metrics["inception_score"] = max(s["inception_score"] for s in per_seed.values())
+        if len(self.seeds) > 1:
+            for seed, scores in per_seed.items():
+                metrics.update({f"fid/{split}/seed{seed}": scores[f"fid/{split}"] for split in self.reference_splits})
+        # at `dbl test` the trainer's step counter starts at 0; the module's buffer knows the training steps
+        trained_steps = int(pl_module.block_updates.sum()) if hasattr(pl_module, "block_updates") else trainer.global_step
+        results = dict(
+            stage=stage, trained_steps=trained_steps, num_samples=self.num_samples, seeds=self.seeds,
+            reference_sizes={split: len(ref.dataset) for split, ref in reference_sets.items()},
+            sampler={k: v for k, v in self.sampler.items() if v is not None} or "module defaults",
+            module_sampler_defaults=getattr(pl_module, "sample_defaults", None),
+            feature_extractor=extractor.identity, metrics=metrics,
+            per_seed={str(k): v for k, v in per_seed.items()}, reference_seconds=reference_seconds,
+        )
+        out = self._log_dir(trainer) / f"fid_{stage}_step{trained_steps}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+        rank_zero_info(f"FID ({self.num_samples} samples, seeds {self.seeds}): "
+                       + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"; details in {out}")
+        return results
+
+    # -- writing samples -------------------------------------------------------------------
+    def _samples_root(self, trainer: L.Trainer) -> Path:
+        return Path(self.samples_dir) if self.samples_dir else self._log_dir(trainer) / "fid_samples"
+
+    def _save_batch(self, trainer, seed, offset, images, labels, saved_images, saved_labels) -> None:
+        if self.save_samples == "npz":
+            saved_images.append(images)
+            if labels is not None:
+                saved_labels.append(labels)
+            return
+        from PIL import Image
+
+        folder = self._samples_root(trainer) / f"seed{seed}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images.permute(0, 2, 3, 1).numpy()):
+            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(folder / f"{offset + i:06d}.png")
+
+    def _write_npz(self, trainer, seed, saved_images, saved_labels) -> None:
+        folder = self._samples_root(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = {"arr_0": torch.cat(saved_images).permute(0, 2, 3, 1).numpy()}
+        if saved_labels:
+            arrays["arr_1"] = torch.cat(saved_labels).numpy()
+        np.savez(folder / f"samples_seed{seed}.npz", **arrays)

@@ -1,0 +1,87 @@
+"""What the image DataModules share: in-memory uint8 datasets, flips, caches, FID reference sets.
+
+Every image DataModule here keeps its images as uint8 (as stored on disk) and scales them to
+[-1, 1] per item, so the FID reference set is exactly the pixels the model was trained on
+(``ReferenceImages``), with no second decoding path that could drift.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+
+class MissingDataError(FileNotFoundError, ValueError):
+    """A dataset is not where the configuration says; the message says where to put it.
+
+    A ``ValueError`` too, so that the CLI reports it as a one-line configuration error."""
+
+
+def default_cache_dir(name: str) -> Path:
+    """``$DBL_CACHE/<name>`` (default ``~/.cache/dbl/<name>``): writable space for unpacked data and FID stats."""
+    return Path(os.environ.get("DBL_CACHE", Path.home() / ".cache" / "dbl")).expanduser() / name
+
+
+def is_writable(path: Path) -> bool:
+    """Whether we may write under ``path`` (or its nearest existing parent).
+
+    A folder whose permission bits say read-only counts as read-only even for root, who could
+    write there anyway: shared data folders are marked that way on purpose.
+    """
+    path = Path(path)
+    while not path.exists():
+        path = path.parent
+    return os.access(path, os.W_OK) and bool(path.stat().st_mode & 0o222)
+
+
+class UInt8ImageDataset(Dataset):
+    """``(image in [-1, 1] float32 [C, H, W], label)`` from a uint8 tensor [N, C, H, W].
+
+    ``random_flip`` mirrors each image left-right with probability 1/2 (DiT/EDM training practice).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, random_flip: bool = False):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        self.images, self.labels, self.random_flip = images, labels, random_flip
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int):
+        x = self.images[i]
+        if self.random_flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x.float() / 127.5 - 1.0, self.labels[i]
+
+
+class UInt8Images(Dataset):
+    """Items are the uint8 [C, H, W] images themselves (what FID feature extractors take)."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+@dataclass
+class ReferenceImages:
+    """A FID reference set: uint8 [C, H, W] images, a description of exactly what they are (hashed
+    into the key of the cached statistics), and the writable folder where those statistics live."""
+
+    dataset: Dataset
+    description: dict = field(default_factory=dict)
+    cache_dir: Path = field(default_factory=lambda: default_cache_dir("fid"))
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8 [0, 255] (round to nearest); exact inverse of ``x / 127.5 - 1``."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

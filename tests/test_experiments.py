@@ -1,0 +1,41 @@
+"""Every YAML under experiments/ parses: `dbl fit --config X --print_config` (nothing is built)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dbl.cli import main
+
+EXPERIMENTS = sorted((Path(__file__).parent.parent / "experiments").glob("*.yaml"))
+
+
+def test_there_are_experiments():
+    names = {p.stem for p in EXPERIMENTS}
+    assert {"cifar10_dit_s2_b3", "cifar10_dit_s2_e2e", "imagenet256_dit_l2_b3", "imagenet256_dit_l2_e2e",
+            "fashion_mnist_dit_b3", "fashion_mnist_dit_e2e"} <= names
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_experiment_parses(path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(path), "--print_config"])
+    assert exit_.value.code in (None, 0)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] and printed["data"]["class_path"]
+
+
+@pytest.mark.parametrize("stem", ["cifar10_dit_s2", "imagenet256_dit_l2", "fashion_mnist_dit"])
+def test_end_to_end_twins_have_equal_layer_updates(stem):
+    def load(suffix):
+        return yaml.safe_load((EXPERIMENTS[0].parent / f"{stem}_{suffix}.yaml").read_text())
+
+    b3, e2e = load("b3"), load("e2e")
+    blocks = b3["model"]["init_args"]["num_blocks"]
+    assert e2e["model"]["init_args"]["num_blocks"] == 1
+    budget = "max_epochs" if "max_epochs" in b3["trainer"] else "max_steps"
+    assert b3["trainer"][budget] == blocks * e2e["trainer"][budget]
+    for part in ("data", "model"):  # identical apart from the number of blocks
+        a, b = dict(b3[part]["init_args"]), dict(e2e[part]["init_args"])
+        a.pop("num_blocks", None), b.pop("num_blocks", None)
+        assert a == b

@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+import torch
+import torch_fidelity
+from tiny_features import TINY
+
+from dbl.data.images import ReferenceImages, UInt8Images, to_uint8
+from dbl.evaluation.fid import FeatureExtractor, frechet_distance, reference_statistics, statistics, stats_cache_path
+
+
+def image_sets():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (40, 3, 16, 16), generator=gen, dtype=torch.uint8)
+    b = (torch.rand(30, 3, 16, 16, generator=gen) ** 2 * 255).to(torch.uint8)  # darker, a different distribution
+    return a, b
+
+
+def test_fid_equals_torch_fidelity(tmp_path):
+    generated, reference = image_sets()
+    extractor = FeatureExtractor(TINY, "8")
+    ours_ref = reference_statistics(ReferenceImages(UInt8Images(reference), {"split": "test", "n": 30}, tmp_path),
+                                    extractor, batch_size=7)
+    ours = frechet_distance(statistics(extractor.features(generated.split(9))["8"]), ours_ref)
+    theirs = torch_fidelity.calculate_metrics(
+        input1=UInt8Images(generated), input2=UInt8Images(reference), fid=True, feature_extractor=TINY,
+        feature_layer_fid="8", cuda=False, cache=False, verbose=False, save_cpu_ram=True,
+    )["frechet_inception_distance"]
+    assert ours > 0.01
+    assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-12)
+    # and the check can fail: a different set gives a different distance
+    other = frechet_distance(statistics(extractor.features([reference[:20]])["8"]), ours_ref)
+    assert abs(other - theirs) > 1e-3
+
+
+def test_generated_floats_round_trip_to_the_reference_pixels():
+    pixels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    assert torch.equal(to_uint8(pixels.float() / 127.5 - 1.0), pixels)
+    assert to_uint8(torch.tensor([-3.0, 3.0])).tolist() == [0, 255]  # out-of-range samples clamp
+
+
+def test_reference_statistics_are_cached_by_what_they_cover(tmp_path, monkeypatch):
+    _, reference = image_sets()
+    extractor = FeatureExtractor(TINY, "8")
+    ref = ReferenceImages(UInt8Images(reference), {"dataset": "x", "split": "test", "n": 30}, tmp_path)
+    first = reference_statistics(ref, extractor)
+    path = stats_cache_path(ref, extractor)
+    assert path.exists() and path.parent == tmp_path
+    monkeypatch.setattr(FeatureExtractor, "features", lambda *a, **k: pytest.fail("cache miss"))
+    again = reference_statistics(ref, extractor)
+    assert np.array_equal(first["mu"], again["mu"]) and np.array_equal(first["sigma"], again["sigma"])
+    smaller = ReferenceImages(UInt8Images(reference[:10]), {"dataset": "x", "split": "test", "n": 10}, tmp_path)
+    assert stats_cache_path(smaller, extractor) != path
+
+
+def test_gray_images_are_repeated_to_rgb():
+    extractor = FeatureExtractor(TINY, "8")
+    gray = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    assert torch.equal(extractor(gray)["8"], extractor(gray.repeat(1, 3, 1, 1))["8"])
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="feature_extractor_weights_path"):
+        FeatureExtractor(weights_path=str(tmp_path / "nope.pth"))
