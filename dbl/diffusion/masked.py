@@ -132,10 +132,10 @@ def masked_cross_entropy(logits: torch.Tensor, x: torch.Tensor, z: torch.Tensor,
     return (ce * (z == mask_id)).sum(1)
 
 
-def nelbo_integrand(logits: torch.Tensor, x: torch.Tensor, z: torch.Tensor, t: torch.Tensor, schedule: MaskingSchedule, mask_id: int) -> torch.Tensor:
-    """[N] one-sample estimate of the ELBO integrand at t, in nats per character: w(t) * CE_masked / L."""
-    ce = masked_cross_entropy(logits, x, z, mask_id)
-    return schedule.elbo_weight(t.to(ce.device, torch.float64)) * ce.double() / x.shape[1]
+def nelbo_integrand(masked_ce: torch.Tensor, t: torch.Tensor, length: int, schedule: MaskingSchedule) -> torch.Tensor:
+    """[N] one-sample estimate of the ELBO integrand at t in nats per character, float64:
+    w(t) * (sum of the cross-entropies of the masked positions) / L."""
+    return schedule.elbo_weight(t.to(masked_ce.device, torch.float64)) * masked_ce.double() / length
 
 
 def estimate_nelbo(
@@ -155,7 +155,8 @@ def estimate_nelbo(
     for k in range(times.shape[1]):
         t = times[:, k].to(x.device)
         z = mask_tokens(x, t, schedule, mask_id, generator)
-        out[:, k] = nelbo_integrand(logits_fn(z, t.float()), x, z, t, schedule, mask_id)
+        ce = masked_cross_entropy(logits_fn(z, t.float()), x, z, mask_id)
+        out[:, k] = nelbo_integrand(ce, t, x.shape[1], schedule)
     return out
 
 

@@ -111,8 +111,7 @@ class MaskedDiffusionModule(BlockwiseLightningModule):
         return self.network.net.mask_id
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        data_vocab = getattr(datamodule, "vocab_size", None)
+        data_vocab = getattr(self.trainer.datamodule, "vocab_size", None)
         if data_vocab is not None and data_vocab != self.network.net.vocab_size:
             raise ValueError(f"the data has {data_vocab} symbols but the network's vocab_size is {self.network.net.vocab_size}")
 
@@ -145,10 +144,9 @@ class MaskedDiffusionModule(BlockwiseLightningModule):
         x = self._ids(batch)
         t = uniform_in(*self.partition.widened_range(block), x.shape[0], device=x.device)
         z = mask_tokens(x, t, self.masking, self.mask_id)
-        logits = self.logits(z, t, block)
-        integrand = nelbo_integrand(logits, x, z, t, self.masking, self.mask_id)
-        num_masked = (z == self.mask_id).sum()
-        ce_per_masked = masked_cross_entropy(logits, x, z, self.mask_id).sum() / num_masked.clamp(min=1)
+        ce = masked_cross_entropy(self.logits(z, t, block), x, z, self.mask_id)
+        integrand = nelbo_integrand(ce, t, x.shape[1], self.masking)
+        ce_per_masked = ce.sum() / (z == self.mask_id).sum().clamp(min=1)
         return BlockLoss(integrand.float().mean(), ce_per_masked.detach(), t)
 
     # -- evaluation ------------------------------------------------------------------------
