@@ -70,6 +70,18 @@ def test_standard_split_is_default_and_checked(text8_root):
         Text8DataModule(root=str(root / "missing"), download=False)
 
 
+def test_failed_download_says_where_to_put_the_file(tmp_path, monkeypatch):
+    def offline(url, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr("urllib.request.urlretrieve", offline)
+    dm = Text8DataModule(root=str(tmp_path / "data"), download=True)
+    with pytest.raises(FileNotFoundError, match=r"downloading http://mattmahoney.net/dc/text8.zip failed \(network is unreachable\); put text8.zip at"):
+        dm.prepare_data()
+    assert list((tmp_path / "data").iterdir()) == []  # no partial file left behind
+
+
 def test_cli_round_trip(text8_root, tmp_path):
     root, _ = text8_root
     predictions = tmp_path / "predictions.txt"
