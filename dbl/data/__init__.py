@@ -6,8 +6,9 @@ from dbl.data.fashion_mnist import FashionMNISTDataModule
 from dbl.data.imagenet import ImageNetDataModule
 from dbl.data.images import MissingDataError
 from dbl.data.latents import LatentShardDataset
+from dbl.data.text8 import Text8DataModule
 
 __all__ = [
     "CIFAR10DataModule", "DigitsDataModule", "FashionMNISTDataModule", "ImageNetDataModule", "LatentShardDataset",
-    "MissingDataError",
+    "MissingDataError", "Text8DataModule",
 ]

@@ -2,6 +2,8 @@
 
 from dbl.training.engine import BlockLoss, BlockwiseLightningModule
 from dbl.training.image import ImageDiffusionModule
+from dbl.training.masked import BitsPerCharacter, MaskedDiffusionModule
 from dbl.training.schedules import BlockSchedule, make_schedule
 
 __all__ = ["BlockLoss", "BlockSchedule", "BlockwiseLightningModule", "ImageDiffusionModule", "make_schedule"]
+__all__ += ["BitsPerCharacter", "MaskedDiffusionModule"]
