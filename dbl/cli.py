@@ -54,6 +54,22 @@ class DBLCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "info": {"model", "datamodule"}}
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI replaces the model's configuration with the hyperparameters stored in
+        # --ckpt_path, silently dropping any model option given in the YAML or on the command
+        # line. Say which ones, so nobody evaluates with settings they did not get.
+        subcommand = self.config.get("subcommand")
+        before = _flat(self.config[subcommand].get("model")) if subcommand else {}
+        super()._parse_ckpt_path()
+        after = _flat(self.config[subcommand].get("model")) if subcommand else {}
+        replaced = [f"{k}: {before[k]!r} -> {after[k]!r}" for k in sorted(before) if k in after and before[k] != after[k]]
+        if replaced:
+            warnings.warn(
+                "the checkpoint's hyperparameters replace these model options (for evaluation settings use the "
+                "evaluation callbacks' own options): " + "; ".join(replaced),
+                stacklevel=1,
+            )
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
@@ -61,6 +77,20 @@ class DBLCLI(LightningCLI):
             # jsonargparse re-raises our constructors' errors wrapped in a union report; the
             # original exception (which names the option) is the cause.
             raise ConfigError(str(err.__cause__ or err)) from err
+
+
+def _flat(node, prefix: str = "") -> dict:
+    """Namespace/dict -> {"init_args.overlap": 0.05, ...} for comparing configurations."""
+    if node is None:
+        return {}
+    items = node.items() if isinstance(node, dict) else vars(node).items()
+    out = {}
+    for key, value in items:
+        if isinstance(value, dict) or hasattr(value, "__dict__") and type(value).__name__ == "Namespace":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def load_experiment(config: str, overrides: list[str] = ()) -> DBLCLI:
