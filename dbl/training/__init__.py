@@ -3,5 +3,14 @@
 from dbl.training.engine import BlockLoss, BlockwiseLightningModule
 from dbl.training.image import ImageDiffusionModule
 from dbl.training.schedules import BlockSchedule, make_schedule
+from dbl.training.text import ARDiffusionLMModule, NextTokenLMModule
 
-__all__ = ["BlockLoss", "BlockSchedule", "BlockwiseLightningModule", "ImageDiffusionModule", "make_schedule"]
+__all__ = [
+    "ARDiffusionLMModule",
+    "BlockLoss",
+    "BlockSchedule",
+    "BlockwiseLightningModule",
+    "ImageDiffusionModule",
+    "NextTokenLMModule",
+    "make_schedule",
+]
