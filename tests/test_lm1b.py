@@ -13,7 +13,14 @@ import lightning as L
 import pytest
 import torch
 
-from dbl.callbacks.text import GenerationMetrics, distinct_n, generative_perplexity, load_causal_lm, repetition_rate
+from dbl.callbacks.text import (
+    GenerationMetrics,
+    continuation_texts,
+    distinct_n,
+    generative_perplexity,
+    load_causal_lm,
+    repetition_rate,
+)
 from dbl.data.lm1b import ARCHIVE, TOP_DIR, LM1BDataModule, detokenizer
 from dbl.models.llama import ARInput, Llama, ar_diffusion_mask
 from dbl.training.text import ARDiffusionLMModule, NextTokenLMModule
@@ -277,9 +284,19 @@ def test_diversity_guards():
     assert repetition_rate([[1, 2, 3, 4, 5, 6]]) == 0.0
 
 
+def test_continuation_text_does_not_split_words():
+    class WordPieces:  # decode as a WordPiece tokenizer does: "##" pieces join the previous word
+        pieces = {1: "the", 2: "market", 3: "##ing", 4: "rose"}
+
+        def decode(self, ids):
+            return " ".join(self.pieces[i] for i in ids).replace(" ##", "")
+
+    assert continuation_texts(WordPieces(), [[1, 2], [1, 2]], [[3, 4], [4]]) == ["ing rose", " rose"]
+
+
 def test_generative_perplexity_matches_the_judge_loss(judge_dir):
     model, tok = load_causal_lm(str(judge_dir), None, torch.device("cpu"))
-    ppl = generative_perplexity(model, tok, ["the market rose"], ["on monday ."])
+    ppl = generative_perplexity(model, tok, ["the market rose"], [" on monday ."])
     ids = tok("<eos> the market rose on monday .", add_special_tokens=False, return_tensors="pt")["input_ids"]
     labels = ids.clone()
     labels[:, :4] = -100  # <eos> and the prompt are context, not scored

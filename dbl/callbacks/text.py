@@ -73,16 +73,33 @@ def load_causal_lm(name_or_path: str, kwargs: dict | None, device: torch.device)
     return model.to(device).eval(), tokenizer
 
 
+def continuation_texts(dm, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]) -> list[str]:
+    """The text each continuation adds to its prompt: decode(prompt + continuation) minus decode(prompt).
+
+    Decoding the continuation alone would cut words in two at the boundary (WordPiece ``##hip``);
+    the result keeps its leading space when the continuation starts a new word.
+    """
+    texts = []
+    for p, c in zip(prompts, continuations):
+        head, full = dm.decode(list(p)), dm.decode(list(p) + list(c))
+        texts.append(full[len(head):] if full.startswith(head) else " " + dm.decode(c))
+    return texts
+
+
 @torch.no_grad()
 def generative_perplexity(model, tokenizer, prompts: Sequence[str], continuations: Sequence[str], batch_size: int = 8) -> float:
-    """exp(mean NLL) of the continuations' tokens given their prompts, under a causal LM judge."""
+    """exp(mean NLL) of the continuations' tokens given their prompts, under a causal LM judge.
+
+    ``prompt + continuation`` is the whole text: a continuation that starts a new word starts with
+    a space (``continuation_texts``).
+    """
     device = next(model.parameters()).device
     max_len = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     rows = []
     for prompt, cont in zip(prompts, continuations):
         p = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        c = tokenizer(" " + cont, add_special_tokens=False)["input_ids"]
+        c = tokenizer(cont, add_special_tokens=False)["input_ids"]
         ids = (p + c)[-max_len:]
         rows.append((ids, min(len(c), len(ids) - 1)))
     nll_sum, count = 0.0, 0
@@ -209,14 +226,14 @@ class GenerationMetrics(L.Callback):
             raise ValueError("GenerationMetrics needs a data module with generation_examples (dbl.data.LM1BDataModule)")
         prompts, references = dm.generation_examples(self.num_prompts, self.prompt_length, self.continuation_length)
         prompt_texts = [dm.decode(p) for p in prompts.tolist()]
-        reference_texts = [dm.decode(r) for r in references.tolist()]
+        reference_texts = continuation_texts(dm, prompts.tolist(), references.tolist())
         device = pl_module.device
         judge, judge_tok = load_causal_lm(self.judge, self.judge_kwargs, device)
         if (self.featurizer, self.featurizer_kwargs) == (self.judge, self.judge_kwargs):
             featurizer, feat_tok = judge, judge_tok
         else:
             featurizer, feat_tok = load_causal_lm(self.featurizer, self.featurizer_kwargs, device)
-        human_features = text_features(featurizer, feat_tok, reference_texts, self.judge_batch_size)
+        human_features = text_features(featurizer, feat_tok, [t.strip() for t in reference_texts], self.judge_batch_size)
         metrics = {
             "human_gen_ppl": generative_perplexity(judge, judge_tok, prompt_texts, reference_texts, self.judge_batch_size),
             **{f"human_distinct_{n}": distinct_n(references.tolist(), n) for n in (1, 2, 3)},
@@ -225,9 +242,10 @@ class GenerationMetrics(L.Callback):
         records, per_seed = [], []
         for seed in self.seeds:
             continuations, seconds = self.generate(pl_module, prompts, seed)
-            texts = [dm.decode(c) for c in continuations.tolist()]
+            repeated = prompts.repeat_interleave(self.per_prompt, dim=0).tolist()
+            texts = continuation_texts(dm, repeated, continuations.tolist())
             context = [t for t in prompt_texts for _ in range(self.per_prompt)]
-            features = text_features(featurizer, feat_tok, texts, self.judge_batch_size)
+            features = text_features(featurizer, feat_tok, [t.strip() for t in texts], self.judge_batch_size)
             scores = {
                 "gen_ppl": generative_perplexity(judge, judge_tok, context, texts, self.judge_batch_size),
                 "mauve": mauve_score(features, human_features, self.scaling, self.num_buckets, seed),
@@ -239,21 +257,21 @@ class GenerationMetrics(L.Callback):
             metrics.update({f"{k}_seed{seed}": v for k, v in scores.items()})
             for i, text in enumerate(texts):
                 p = i // self.per_prompt
-                records.append({"seed": seed, "prompt_index": p, "prompt": prompt_texts[p], "continuation": text,
-                                "human_continuation": reference_texts[p]})
+                records.append({"seed": seed, "prompt_index": p, "prompt": prompt_texts[p], "continuation": text.strip(),
+                                "human_continuation": reference_texts[p].strip()})
         metrics.update({k: float(np.mean([s[k] for s in per_seed])) for k in per_seed[0]})
         self.last_metrics = metrics
         for key, value in metrics.items():
             pl_module.log(f"{stage}/{key}", value, batch_size=1)
-        self._write(trainer, stage, metrics, records)
+        # named by the model's own training steps (trainer.global_step is 0 in `dbl test`)
+        self._write(trainer, f"{stage}_step{int(pl_module.block_updates.sum()):07d}", metrics, records)
         return metrics
 
     @rank_zero_only
-    def _write(self, trainer: L.Trainer, stage: str, metrics: dict, records: list[dict]) -> None:
+    def _write(self, trainer: L.Trainer, step: str, metrics: dict, records: list[dict]) -> None:
         logger = trainer.logger
         root = Path(logger.log_dir if logger is not None and logger.log_dir else trainer.default_root_dir)
         root.mkdir(parents=True, exist_ok=True)
-        step = f"{stage}_step{trainer.global_step:07d}"
         with open(root / f"{step}_{self.output}", "w") as f:
             for record in records:
                 f.write(json.dumps(record) + "\n")
