@@ -1,8 +1,12 @@
-"""Callbacks: extension points around training (sample grids, FID, text samples, memory monitoring)."""
+"""Callbacks: extension points around training and evaluation."""
 
 from dbl.callbacks.fid import FID
+from dbl.callbacks.generation import ContinuationWriter, GenerationMetrics
 from dbl.callbacks.memory import MemoryMonitor
 from dbl.callbacks.samples import SampleGrid
 from dbl.callbacks.text import TextPredictionWriter, TextSamples
 
-__all__ = ["FID", "MemoryMonitor", "SampleGrid", "TextPredictionWriter", "TextSamples"]
+__all__ = [
+    "FID", "ContinuationWriter", "GenerationMetrics", "MemoryMonitor", "SampleGrid", "TextPredictionWriter",
+    "TextSamples",
+]

@@ -6,9 +6,10 @@ from dbl.data.fashion_mnist import FashionMNISTDataModule
 from dbl.data.imagenet import ImageNetDataModule
 from dbl.data.images import MissingDataError
 from dbl.data.latents import LatentShardDataset
+from dbl.data.lm1b import LM1BDataModule
 from dbl.data.text8 import Text8DataModule
 
 __all__ = [
-    "CIFAR10DataModule", "DigitsDataModule", "FashionMNISTDataModule", "ImageNetDataModule", "LatentShardDataset",
-    "MissingDataError", "Text8DataModule",
+    "CIFAR10DataModule", "DigitsDataModule", "FashionMNISTDataModule", "ImageNetDataModule", "LM1BDataModule",
+    "LatentShardDataset", "MissingDataError", "Text8DataModule",
 ]

@@ -4,6 +4,9 @@ from dbl.training.engine import BlockLoss, BlockwiseLightningModule
 from dbl.training.image import ImageDiffusionModule
 from dbl.training.masked import BitsPerCharacter, MaskedDiffusionModule
 from dbl.training.schedules import BlockSchedule, make_schedule
+from dbl.training.text import ARDiffusionLMModule, NextTokenLMModule
 
-__all__ = ["BlockLoss", "BlockSchedule", "BlockwiseLightningModule", "ImageDiffusionModule", "make_schedule"]
-__all__ += ["BitsPerCharacter", "MaskedDiffusionModule"]
+__all__ = [
+    "ARDiffusionLMModule", "BitsPerCharacter", "BlockLoss", "BlockSchedule", "BlockwiseLightningModule",
+    "ImageDiffusionModule", "MaskedDiffusionModule", "NextTokenLMModule", "make_schedule",
+]

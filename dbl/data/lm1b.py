@@ -1,0 +1,340 @@
+"""The One Billion Word Benchmark (LM1B, Chelba et al. 2013) as token batches for language models.
+
+Source: the release archive ``1-billion-word-language-modeling-benchmark-r13output.tar.gz``
+(downloaded into ``root`` when online and ``download`` is true; otherwise put it there), or a
+Hugging Face ``datasets`` id (``hf_dataset``, splits ``train``/``test``, column ``text``).
+Train = ``training-monolingual.tokenized.shuffled/news.en-*``; held-out =
+``heldout-monolingual.tokenized.shuffled/news.en.heldout-*`` (validation uses its first
+``val_sentences`` sentences, test all of it; LM1B has no separate validation split).
+
+The release is Moses-tokenised (``don 't``, ``" fine , "``); lines are detokenised with
+sacremoses before the model's tokenizer sees them, so that subword tokenizers get natural text.
+Sentences become sequences of ``seq_len`` tokens either packed (concatenated with the
+tokenizer's own separators and cut; every position counts) or padded (one sentence per row,
+truncated; padding is masked out of the loss). The processed splits are saved under
+``<root>/tokenized/<key>``, where the key hashes the tokenizer and every processing option, so the
+second run starts without tokenising again.
+
+Batches: ``(tokens [N, seq_len] long, loss_mask [N, seq_len] float)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+import urllib.request
+from fnmatch import fnmatch
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+ARCHIVE = "1-billion-word-language-modeling-benchmark-r13output.tar.gz"
+ARCHIVE_URL = f"http://www.statmt.org/lm-benchmark/{ARCHIVE}"
+TOP_DIR = "1-billion-word-language-modeling-benchmark-r13output"
+TRAIN_GLOB = "training-monolingual.tokenized.shuffled/news.en-*"
+HELDOUT_GLOB = "heldout-monolingual.tokenized.shuffled/news.en.heldout-*"
+
+
+def load_tokenizer(name_or_path: str):
+    """A Hugging Face tokenizer from a hub id or a local directory.
+
+    A directory holding only a BERT ``vocab.txt`` (what ``shared/tools/offline_assets.sh`` writes
+    for bert-base-uncased) loads as an uncased ``BertTokenizerFast``.
+    """
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    path = Path(name_or_path).expanduser()
+    name_or_path = str(path) if path.exists() else name_or_path
+    if path.is_dir() and (path / "vocab.txt").exists() and not (path / "tokenizer_config.json").exists():
+        return BertTokenizerFast.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as err:
+        raise ValueError(
+            f"cannot load tokenizer {name_or_path!r} ({str(err).splitlines()[0]}); give a local directory "
+            "(e.g. one with a BERT vocab.txt from shared/tools/offline_assets.sh) or a reachable hub id"
+        ) from None
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that decides the token ids (vocabulary, normaliser, special tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def detokenizer():
+    """Moses-tokenised English -> natural text (sacremoses, the Python port of Moses' own detokenizer)."""
+    from sacremoses import MosesDetokenizer
+
+    moses = MosesDetokenizer(lang="en")
+    return lambda line: moses.detokenize(line.split())
+
+
+def ensure_archive(root: Path, download: bool, archive: Path | None = None) -> Path:
+    """The release archive's extracted directory under ``root``; downloads and extracts when needed.
+
+    ``archive``: where the tarball is (default ``<root>/<ARCHIVE>``, where a download goes).
+    """
+    top = root / TOP_DIR
+    if (top / ".extracted").exists():
+        return top
+    archive = archive or root / ARCHIVE
+    if not archive.exists():
+        if archive != root / ARCHIVE:
+            raise FileNotFoundError(f"LM1B archive {archive} does not exist; fix data.init_args.archive or leave it unset")
+        if not download:
+            raise FileNotFoundError(f"LM1B archive not found: put {ARCHIVE} into {root} (or set download: true when online)")
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            urllib.request.urlretrieve(ARCHIVE_URL, archive.with_suffix(".part"))
+        except OSError as err:
+            raise FileNotFoundError(f"LM1B download from {ARCHIVE_URL} failed ({err}); put {ARCHIVE} into {root} by hand") from None
+        archive.with_suffix(".part").rename(archive)
+    with tarfile.open(archive) as tar:
+        wanted = [m for m in tar.getmembers() if m.isfile() and any(
+            fnmatch(m.name, f"{TOP_DIR}/{pattern}") for pattern in (TRAIN_GLOB, HELDOUT_GLOB))]
+        if not wanted:
+            raise ValueError(f"{archive} does not have the LM1B layout: no {TOP_DIR}/{TRAIN_GLOB} files")
+        tar.extractall(root, members=wanted, filter="data")
+    (top / ".extracted").touch()
+    return top
+
+
+def pack(sequences: list[list[int]], seq_len: int) -> list[list[int]]:
+    """Concatenate token lists and cut into rows of ``seq_len``; the incomplete tail is dropped."""
+    flat = [t for seq in sequences for t in seq]
+    return [flat[i : i + seq_len] for i in range(0, len(flat) - seq_len + 1, seq_len)]
+
+
+def pad(sequences: list[list[int]], seq_len: int, pad_id: int) -> tuple[list[list[int]], list[list[float]]]:
+    """One sequence per row, truncated to ``seq_len`` and right-padded; mask 1 on real tokens."""
+    rows, masks = [], []
+    for seq in sequences:
+        seq = seq[:seq_len]
+        rows.append(seq + [pad_id] * (seq_len - len(seq)))
+        masks.append([1.0] * len(seq) + [0.0] * (seq_len - len(seq)))
+    return rows, masks
+
+
+def collate(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([r["input_ids"] for r in rows]), torch.stack([r["loss_mask"] for r in rows]).float()
+
+
+class LM1BDataModule(L.LightningDataModule):
+    """LM1B sentences, detokenised, tokenised and packed (or padded) to ``seq_len``.
+
+    Args:
+        root: folder holding (or receiving) the release archive, its extracted files and the
+            tokenised cache.
+        archive: path of the release archive when it is not in ``root`` (e.g. a read-only copy).
+        download: fetch the archive from statmt.org when it is not in ``root``.
+        hf_dataset: read this Hugging Face ``datasets`` id instead of the archive (e.g. ``lm1b``).
+        tokenizer: Hugging Face tokenizer id or local directory (default bert-base-uncased, as
+            MDLM's LM1B setup; the paper used Llama-2's).
+        seq_len: tokens per row (paper: 256).
+        packing: pack sentences into full rows (true) or pad one sentence per row (false).
+        detokenize: undo the release's Moses tokenisation before tokenising.
+        batch_size: training batch size; ``eval_batch_size`` for validation/test (default the same).
+        val_sentences: held-out sentences used for validation (the test split uses all of them).
+        max_train_sentences: use only the first N training sentences (quick runs); None: all.
+        num_proc: worker processes for tokenising (``datasets.map``).
+        num_workers: DataLoader workers.
+        predict_file: text file of prompts, one per line, continued by ``dbl predict``.
+        predict_batch_size: prompts per generation batch (prompts of equal token length share a batch).
+    """
+
+    def __init__(
+        self,
+        root: str = "data/lm1b",
+        archive: str | None = None,
+        download: bool = True,
+        hf_dataset: str | None = None,
+        tokenizer: str = "bert-base-uncased",
+        seq_len: int = 128,
+        packing: bool = True,
+        detokenize: bool = True,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        val_sentences: int | None = 10000,
+        max_train_sentences: int | None = None,
+        num_proc: int | None = None,
+        num_workers: int = 0,
+        predict_file: str | None = None,
+        predict_batch_size: int = 16,
+    ):
+        super().__init__()
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+        for name, value in (("batch_size", batch_size), ("val_sentences", val_sentences), ("max_train_sentences", max_train_sentences)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.save_hyperparameters()
+        self.root = Path(root).expanduser()
+        self._tokenizer = None
+        self.splits: dict = {}
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hparams.tokenizer)
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    @property
+    def bos_id(self) -> int | None:
+        """The id a sequence starts with ([CLS] for BERT, BOS for Llama-style tokenizers)."""
+        t = self.tokenizer
+        return t.cls_token_id if t.cls_token_id is not None else t.bos_token_id
+
+    # -- reading and processing --------------------------------------------------------------
+    def _raw_splits(self):
+        from datasets import load_dataset
+
+        cache = str(self.root / "hf_cache")
+        if self.hparams.hf_dataset:
+            raw = load_dataset(self.hparams.hf_dataset, cache_dir=cache)
+            return raw["train"], raw["test"]
+        archive = Path(self.hparams.archive).expanduser() if self.hparams.archive else None
+        top = ensure_archive(self.root, self.hparams.download, archive)
+        files = {"train": str(top / TRAIN_GLOB), "heldout": str(top / HELDOUT_GLOB)}
+        raw = load_dataset("text", data_files=files, cache_dir=cache)
+        return raw["train"], raw["heldout"]
+
+    def _cache_key(self) -> str:
+        hp = self.hparams
+        source = hp.hf_dataset or f"archive:{ARCHIVE}"
+        parts = [source, tokenizer_fingerprint(self.tokenizer), hp.seq_len, hp.packing, hp.detokenize,
+                 hp.val_sentences, hp.max_train_sentences, "v1"]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+    def _tokenize(self, dataset):
+        tokenizer, detok = self.tokenizer, detokenizer() if self.hparams.detokenize else None
+        sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+
+        def encode(batch):
+            texts = [detok(t) for t in batch["text"]] if detok else batch["text"]
+            ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+            # tokenizers that add no end marker (GPT-2, Llama) get their EOS, so sentences stay delimited
+            return {"input_ids": [s + [sep] if sep is not None and (not s or s[-1] != sep) else s for s in ids]}
+
+        return dataset.map(encode, batched=True, remove_columns=dataset.column_names, num_proc=self.hparams.num_proc,
+                           desc="tokenising")
+
+    def _rows(self, dataset):
+        hp, pad_id = self.hparams, self.tokenizer.pad_token_id
+
+        def to_rows(batch):
+            if hp.packing:
+                rows = pack(batch["input_ids"], hp.seq_len)
+                return {"input_ids": rows, "loss_mask": [[1.0] * hp.seq_len for _ in rows]}
+            if pad_id is None:
+                raise ValueError(f"tokenizer {hp.tokenizer!r} has no pad token; use packing: true")
+            rows, masks = pad(batch["input_ids"], hp.seq_len, pad_id)
+            return {"input_ids": rows, "loss_mask": masks}
+
+        return dataset.map(to_rows, batched=True, batch_size=1000, remove_columns=dataset.column_names,
+                           num_proc=self.hparams.num_proc, desc="packing" if hp.packing else "padding")
+
+    def prepare_data(self) -> None:
+        self._load_or_build()
+
+    def _load_or_build(self) -> dict:
+        from datasets import DatasetDict, load_from_disk
+
+        path = self.root / "tokenized" / self._cache_key()
+        if (path / "dataset_dict.json").exists():
+            return load_from_disk(str(path))
+        train, heldout = self._raw_splits()
+        if self.hparams.max_train_sentences is not None:
+            train = train.select(range(min(self.hparams.max_train_sentences, len(train))))
+        train, heldout = self._tokenize(train), self._tokenize(heldout)
+        val = heldout.select(range(min(self.hparams.val_sentences or len(heldout), len(heldout))))
+        splits = DatasetDict(train=self._rows(train), validation=self._rows(val), test=self._rows(heldout), heldout_sentences=heldout)
+        splits.save_to_disk(str(path))
+        return load_from_disk(str(path))
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.splits:
+            splits = self._load_or_build()
+            for name in ("train", "validation", "test"):
+                splits[name].set_format("torch")
+            self.splits = splits
+
+    # -- loaders ---------------------------------------------------------------------------
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if len(self.splits[split]) == 0:
+            raise ValueError(f"the {split} split has no rows of seq_len={self.hparams.seq_len} tokens; lower seq_len")
+        size = self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size or self.hparams.batch_size
+        return DataLoader(self.splits[split], batch_size=size, shuffle=shuffle, drop_last=shuffle, collate_fn=collate,
+                          num_workers=self.hparams.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    # -- prompts for generation ------------------------------------------------------------
+    def generation_examples(self, num_prompts: int, prompt_length: int, continuation_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts [P, prompt_length] and the human continuations [P, continuation_length] that follow them.
+
+        Taken in order from the tokenised held-out sentences: each example starts at the start of a
+        sentence and runs on across sentence ends (as packed training rows do); the next example
+        starts at the next sentence. Deterministic, so every model is scored on the same prompts.
+        """
+        self.setup("test")
+        need = prompt_length + continuation_length
+        examples, current = [], []
+        for ids in self.splits["heldout_sentences"]["input_ids"]:
+            current += ids
+            if len(current) >= need:
+                examples.append(current[:need])
+                current = []
+                if len(examples) == num_prompts:
+                    break
+        if len(examples) < num_prompts:
+            raise ValueError(f"the held-out split gives only {len(examples)} examples of {need} tokens; lower num_prompts or the lengths")
+        rows = torch.tensor(examples)
+        return rows[:, :prompt_length], rows[:, prompt_length:]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A user prompt as ids starting with the BOS/[CLS] token and without an end marker."""
+        ids = self.tokenizer(text.strip(), add_special_tokens=False)["input_ids"]
+        return ([self.bos_id] if self.bos_id is not None else []) + ids
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=True)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Prompts from ``predict_file``; each batch is ``(prompts [n, p], line indices [n])`` of one length."""
+        if not self.hparams.predict_file:
+            raise ValueError("dbl predict needs data.init_args.predict_file: a text file with one prompt per line")
+        path = Path(self.hparams.predict_file)
+        if not path.exists():
+            raise FileNotFoundError(f"predict_file {path} does not exist; write one prompt per line into it")
+        self.predict_lines = [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
+        if not self.predict_lines:
+            raise ValueError(f"predict_file {path} has no prompts; write one prompt per line")
+        encoded = [self.encode_prompt(line) for line in self.predict_lines]
+        if any(len(e) == 0 for e in encoded):
+            raise ValueError(f"a prompt in {path} encodes to no tokens and the tokenizer has no BOS; give non-empty prompts")
+        by_length: dict[int, list[int]] = {}
+        for i, e in enumerate(encoded):
+            by_length.setdefault(len(e), []).append(i)
+        batches = []
+        for length in sorted(by_length):
+            idx = by_length[length]
+            for start in range(0, len(idx), self.hparams.predict_batch_size):
+                chunk = idx[start : start + self.hparams.predict_batch_size]
+                batches.append((torch.tensor([encoded[i] for i in chunk]), torch.tensor(chunk)))
+        return DataLoader(batches, batch_size=None)

@@ -1,0 +1,119 @@
+"""Free-running text generation with a ``Llama`` (no Lightning): block-wise diffusion and next-token.
+
+Block-wise autoregressive diffusion: for every new token, start from noise at sigma_max and run
+the probability-flow ODE down the sigma grid; each solver step calls only the block whose
+nominal range holds the current sigma, with the clean prefix as context. The denoised estimate
+at a step is softmax(logits) @ E with the same normalised table the model was trained on; the
+token is taken from the logits of the last denoiser call (argmax, or a sample at ``temperature``).
+
+With ``use_cache`` each block keeps the keys/values of its own clean stream (``KVCache``): the
+prompt is run once per block, each new token is appended once per block, and a solver step costs
+one noisy row attending to the cache. Without it every step recomputes the whole prefix (the
+reference the cache is tested against).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dbl.diffusion.partition import NoisePartition
+from dbl.diffusion.preconditioning import edm_scalings
+from dbl.diffusion.samplers import sample
+from dbl.models.blockwise import BlockwiseNetwork
+from dbl.models.llama import ARInput, KVCache
+
+
+def pick_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """[N, V] -> [N]: argmax when ``temperature`` is 0, else a sample from softmax(logits / temperature).
+
+    Sampling draws on the CPU so that a CPU ``generator`` gives the same tokens on any device.
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = (logits.float() / temperature).softmax(-1).cpu()
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+
+
+def _extend_prefix(network: BlockwiseNetwork, block: int | None, tokens: torch.Tensor, cache: KVCache) -> None:
+    """Append ``tokens`` [N, m] to ``block``'s clean stream in ``cache`` (None: all layers)."""
+    layers = network.net.layers if block is None else network.block_layers(block)
+    h, c = network.io(block or 0).embed(None, None, ARInput(tokens, cache=cache, store=True))
+    for layer in layers:
+        h = layer(h, c)
+
+
+@torch.no_grad()
+def generate_ar_diffusion(
+    network: BlockwiseNetwork,
+    partition: NoisePartition,
+    prompt: torch.Tensor,
+    num_tokens: int,
+    sigmas: torch.Tensor,
+    solver: str = "euler",
+    sigma_data: float = 0.5,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Continue ``prompt`` [N, p] (p >= 1) by ``num_tokens`` tokens; returns [N, num_tokens].
+
+    ``sigmas``: the descending grid ending in 0 (``dbl.diffusion.samplers.sigma_grid``).
+    """
+    if prompt.dim() != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must be [N, p] with p >= 1 (start with a BOS token), got {tuple(prompt.shape)}")
+    net = network.net
+    n, device = prompt.shape[0], prompt.device
+    caches = [KVCache() for _ in range(network.num_blocks)]
+    if use_cache:
+        for block, cache in enumerate(caches):
+            _extend_prefix(network, block, prompt, cache)
+    tokens = prompt
+    for _ in range(num_tokens):
+        position = tokens.shape[1]
+        last_logits: list[torch.Tensor] = []
+
+        def denoiser(z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            block = int(partition.block_of(sigma.cpu()))
+            s = edm_scalings(sigma.expand(n).view(n, 1, 1), sigma_data)
+            if use_cache:
+                cond = ARInput(None, noisy_start=position, cache=caches[block])
+            else:
+                cond = ARInput(tokens, noisy_start=position)
+            raw = network(s.c_in * z, s.c_noise.flatten(), cond, block=block)
+            logits = net.denoised_logits(s.c_skip * z + s.c_out * raw)
+            last_logits[:] = [logits]
+            table = net.token_table()
+            return logits.softmax(-1).to(table.dtype) @ table
+
+        noise = torch.randn((n, 1, net.hidden_size), generator=generator).to(device=device, dtype=net.embedding.weight.dtype)
+        sample(denoiser, noise, sigmas, solver)
+        new = pick_token(last_logits[0][:, -1], temperature, generator)
+        tokens = torch.cat([tokens, new[:, None]], dim=1)
+        if use_cache:
+            for block, cache in enumerate(caches):
+                _extend_prefix(network, block, new[:, None], cache)
+    return tokens[:, prompt.shape[1]:]
+
+
+@torch.no_grad()
+def generate_next_token(
+    network: BlockwiseNetwork,
+    prompt: torch.Tensor,
+    num_tokens: int,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Ordinary autoregressive decoding of an end-to-end next-token model; returns [N, num_tokens]."""
+    if prompt.dim() != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must be [N, p] with p >= 1 (start with a BOS token), got {tuple(prompt.shape)}")
+    cache = KVCache() if use_cache else None
+    tokens, step_input = prompt, prompt
+    for _ in range(num_tokens):
+        if use_cache:
+            logits = network(None, None, ARInput(step_input, cache=cache, store=True))
+        else:
+            logits = network(None, None, ARInput(tokens))
+        new = pick_token(logits[:, -1], temperature, generator)
+        tokens, step_input = torch.cat([tokens, new[:, None]], dim=1), new[:, None]
+    return tokens[:, prompt.shape[1]:]

@@ -1,0 +1,298 @@
+"""Language modelling with the ``Llama`` decoder: block-wise autoregressive diffusion and its baseline.
+
+- ``ARDiffusionLMModule``: DiffusionBlocks' autoregressive text model. Token i's normalised
+  embedding is noised with a per-sample sigma from the active block's widened range and denoised
+  conditioned on the clean tokens < i; loss = lambda(sigma) * cross-entropy (``loss_weighting``).
+- ``NextTokenLMModule``: the same decoder trained end to end with ordinary next-token
+  cross-entropy; it reports exact perplexity.
+
+Both are the block-wise engine (``BlockwiseLightningModule``): the baseline is the engine with one
+block, so both runs share the optimizer and LR-scheduler code, gradient clipping, logging and
+checkpoint format, and "equal layer-updates" is read off the same ``block_updates`` counter.
+
+Batches are ``(tokens [N, T] long, loss_mask [N, T])`` from ``dbl.data.LM1BDataModule``.
+Free-running generation is in ``dbl.models.generate``; ``dbl.callbacks.GenerationMetrics`` scores it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric, SumMetric
+
+from dbl.diffusion.partition import PARTITION_KINDS, make_partition
+from dbl.diffusion.preconditioning import LOSS_WEIGHTINGS, edm_scalings, loss_weight, weighted_loss
+from dbl.diffusion.samplers import sigma_grid
+from dbl.diffusion.sigma import LogNormal
+from dbl.models.generate import generate_ar_diffusion, generate_next_token
+from dbl.models.llama import ARInput
+from dbl.training.engine import BlockLoss, BlockwiseLightningModule
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[N, T] -> [N] mean over the positions where ``mask`` is set."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def s_like(sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """sigma [N] shaped to broadcast against ``noise`` [N, ...]."""
+    return sigma.view(-1, *[1] * (noise.dim() - 1)).to(noise.dtype)
+
+
+class _TextModule(BlockwiseLightningModule):
+    """What both text tasks share: evaluation mode, ``predict_step``, sampler defaults."""
+
+    def __init__(self, network: nn.Module, generate_tokens: int, temperature: float, **kwargs):
+        super().__init__(network, **kwargs)
+        for attr in ("token_vectors", "token_table", "denoised_logits"):
+            if not hasattr(self.network.net, attr):
+                raise TypeError(f"{type(self.network.net).__name__} is not a text decoder like dbl.models.Llama: no `{attr}`")
+        if generate_tokens < 1:
+            raise ValueError(f"generate_tokens must be >= 1, got {generate_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = argmax), got {temperature}")
+        self.generate_tokens, self.temperature = generate_tokens, temperature
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        vocab = getattr(dm, "vocab_size", None)
+        if vocab is not None and vocab > self.network.net.vocab_size:
+            raise ValueError(f"the tokenizer has {vocab} tokens but the network's vocab_size is "
+                             f"{self.network.net.vocab_size}; set network vocab_size >= {vocab}")
+
+    @contextmanager
+    def _eval_mode(self):
+        was_training = self.network.training
+        self.network.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.network.train(was_training)
+
+    def generate(self, prompt: torch.Tensor, num_tokens: int | None = None, generator=None, **sampler) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        """``batch``: prompts [N, p] of equal length (or a tuple whose first item is that)."""
+        prompt = batch[0] if isinstance(batch, (tuple, list)) else batch
+        gen = torch.Generator().manual_seed(batch_idx)
+        return {"prompt": prompt, "continuation": self.generate(prompt, generator=gen)}
+
+
+class ARDiffusionLMModule(_TextModule):
+    """Autoregressive diffusion in embedding space, each block trained on its slice of the noise range.
+
+    Args:
+        network: ``dbl.models.Llama``.
+        partition, overlap: how the noise range is split and widened (paper: equiprobable, 0.1).
+        loss_weighting: ``edm`` (per-sample lambda(sigma) * CE, the paper's stated objective),
+            ``edm_clamped`` (lambda capped at ``max_loss_weight``), ``batch_mean`` (the official
+            code's effective objective), ``none``.
+        sigma_min, sigma_max, p_mean, p_std, sigma_data: EDM's constants.
+        sample_steps, sample_solver, sample_grid: solver defaults for generation (per call
+            overridable; nothing is stored with the weights).
+        temperature: 0 takes the argmax of the last step's logits; > 0 samples at that temperature.
+        generate_tokens: continuation length of ``dbl predict``.
+        **kwargs: the engine's options (``num_blocks``, ``optimizer``, ...). ``shared_io`` must
+            stay true: the diffusion runs on the rows of the token table, which every block must share.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        partition: Literal["equiprobable", "uniform_log", "uniform_linear"] = "equiprobable",
+        overlap: float = 0.1,
+        loss_weighting: Literal["edm", "edm_clamped", "batch_mean", "none"] = "edm",
+        max_loss_weight: float = 1000.0,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        p_mean: float = -1.2,
+        p_std: float = 1.2,
+        sigma_data: float = 0.5,
+        sample_steps: int = 32,
+        sample_solver: Literal["euler", "heun"] = "euler",
+        sample_grid: Literal["cdf", "karras"] = "cdf",
+        temperature: float = 0.0,
+        generate_tokens: int = 64,
+        **kwargs,
+    ):
+        if not kwargs.get("shared_io", True):
+            raise ValueError("ARDiffusionLMModule needs shared_io: true (the diffusion targets are the shared token table's rows)")
+        super().__init__(network, generate_tokens, temperature, **kwargs)
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"unknown loss_weighting {loss_weighting!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}")
+        if partition not in PARTITION_KINDS:
+            raise ValueError(f"unknown partition {partition!r}; choose one of {', '.join(PARTITION_KINDS)}")
+        self.density = LogNormal(p_mean, p_std)
+        self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
+        self.partition = make_partition(partition, self.num_blocks, overlap, sigma_min, sigma_max, self.density)
+        self.loss_weighting, self.max_loss_weight = loss_weighting, max_loss_weight
+        self.sample_defaults = dict(num_steps=sample_steps, solver=sample_solver, grid=sample_grid)
+        self.eval_loss, self.eval_ce = MeanMetric(), MeanMetric()
+        self.eval_block_ce = nn.ModuleList(MeanMetric() for _ in range(self.num_blocks))
+
+    # -- the objective ---------------------------------------------------------------------
+    def logits(self, tokens: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, block: int | None) -> torch.Tensor:
+        """[N, T, V] logits of every token from its noisy embedding (sigma [N]) and the clean tokens before it."""
+        net = self.network.net
+        s = edm_scalings(sigma.view(-1, 1, 1), self.sigma_data)
+        z = net.token_vectors(tokens) + s_like(sigma, noise) * noise
+        raw = self.network(s.c_in * z, s.c_noise.flatten(), ARInput(tokens), block=block)
+        return net.denoised_logits(s.c_skip * z + s.c_out * raw)
+
+    def per_sample_ce(self, tokens, loss_mask, sigma, noise, block) -> torch.Tensor:
+        logits = self.logits(tokens, sigma, noise, block)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none").view_as(tokens)
+        return _masked_mean(ce, loss_mask)
+
+    def block_loss(self, batch, block: int) -> BlockLoss:
+        tokens, loss_mask = batch
+        lo, hi = self.partition.widened_range(block)
+        sigma = self.density.sample(tokens.shape[0], lo, hi, device=tokens.device)
+        noise = torch.randn((*tokens.shape, self.network.net.hidden_size), device=tokens.device)
+        ce = self.per_sample_ce(tokens, loss_mask, sigma, noise, block)
+        loss = weighted_loss(ce, sigma, self.loss_weighting, self.sigma_data, self.max_loss_weight)
+        return BlockLoss(loss, ce.mean(), sigma)
+
+    # -- evaluation ------------------------------------------------------------------------
+    def _eval_step(self, batch, batch_idx: int, stage: str) -> None:
+        """CE over the full EDM noise distribution, each sigma handled by the block that owns it.
+
+        ``<stage>/loss`` is lambda(sigma)-weighted whatever ``loss_weighting`` trains with;
+        ``<stage>/ce`` is unweighted. Noise is seeded by the batch index, so every evaluation and
+        every model sees the same sigmas and noise. Neither is a likelihood: score generations
+        with ``dbl.callbacks.GenerationMetrics``.
+        """
+        tokens, loss_mask = batch
+        gen = torch.Generator().manual_seed(batch_idx)
+        sigma = self.density.sample(tokens.shape[0], self.sigma_min, self.sigma_max, generator=gen, device=tokens.device)
+        noise = torch.randn((*tokens.shape, self.network.net.hidden_size), generator=gen).to(tokens.device)
+        owner = self.partition.block_of(sigma.cpu()).to(tokens.device)
+        ce = torch.empty_like(sigma)
+        for block in owner.unique().tolist():
+            idx = owner == block
+            ce[idx] = self.per_sample_ce(tokens[idx], loss_mask[idx], sigma[idx], noise[idx], block)
+            self.eval_block_ce[block].update(ce[idx])
+        self.eval_loss.update(loss_weight(sigma, self.sigma_data) * ce)
+        self.eval_ce.update(ce)
+        self.log(f"{stage}/loss", self.eval_loss, prog_bar=True, batch_size=tokens.shape[0])
+        self.log(f"{stage}/ce", self.eval_ce, batch_size=tokens.shape[0])
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        for block, metric in enumerate(self.eval_block_ce):
+            if metric.update_count:
+                self.log(f"{stage}_ce/block{block}", metric.compute())
+            metric.reset()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    # -- generation ------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: torch.Tensor,
+        num_tokens: int | None = None,
+        generator: torch.Generator | None = None,
+        num_steps: int | None = None,
+        solver: str | None = None,
+        grid: str | None = None,
+        temperature: float | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Continue ``prompt`` [N, p]; [N, num_tokens]. Unset options take the module's defaults."""
+        opts = {**self.sample_defaults, **{k: v for k, v in dict(num_steps=num_steps, solver=solver, grid=grid).items() if v is not None}}
+        sigmas = sigma_grid(opts["num_steps"], opts["grid"], self.sigma_min, self.sigma_max, self.density)
+        with self._eval_mode():
+            return generate_ar_diffusion(
+                self.network, self.partition, prompt.to(self.device), num_tokens or self.generate_tokens, sigmas,
+                opts["solver"], self.sigma_data, self.temperature if temperature is None else temperature,
+                generator, use_cache,
+            )
+
+
+class NextTokenLMModule(_TextModule):
+    """The same decoder trained end to end with next-token cross-entropy: the paper's baseline.
+
+    It is the engine with ``num_blocks: 1`` (set here; any other value is an error), so optimizer,
+    scheduler, clipping and logging are those of the block-wise run. ``val/ppl`` and ``test/ppl``
+    are exact: exp of the summed NLL over the summed number of predicted tokens.
+
+    Args:
+        network: ``dbl.models.Llama``.
+        temperature: decoding temperature; 0 = greedy.
+        generate_tokens: continuation length of ``dbl predict``.
+        num_blocks: always 1 (stated here so that the CLI's default is 1, not the engine's).
+        **kwargs: the engine's options (``optimizer``, ``lr_scheduler``, ``gradient_clip_val``, ...).
+    """
+
+    def __init__(self, network: nn.Module, temperature: float = 0.0, generate_tokens: int = 64, num_blocks: int = 1, **kwargs):
+        if num_blocks != 1:
+            raise ValueError(f"NextTokenLMModule trains end to end: num_blocks must be 1, got {num_blocks}")
+        super().__init__(network, generate_tokens, temperature, num_blocks=1, **kwargs)
+        self.eval_nll, self.eval_tokens = SumMetric(), SumMetric()
+
+    def token_nll(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, T-1] NLL of tokens 1..T-1 given their prefix, and the mask of positions that count."""
+        tokens, loss_mask = batch
+        logits = self.network(None, None, ARInput(tokens[:, :-1]), block=0)
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
+        return nll.view(tokens.shape[0], -1), loss_mask[:, 1:].to(logits.dtype)
+
+    def block_loss(self, batch, block: int) -> BlockLoss:
+        nll, mask = self.token_nll(batch)
+        loss = (nll * mask).sum() / mask.sum().clamp(min=1)
+        return BlockLoss(loss, loss, torch.zeros(nll.shape[0], device=nll.device))  # noise level 0: no diffusion
+
+    def _eval_step(self, batch, stage: str) -> None:
+        nll, mask = self.token_nll(batch)
+        self.eval_nll.update((nll * mask).sum())
+        self.eval_tokens.update(mask.sum())
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        ce = self.eval_nll.compute() / self.eval_tokens.compute().clamp(min=1)
+        self.log(f"{stage}/ce", ce, prog_bar=True)
+        self.log(f"{stage}/ppl", ce.exp(), prog_bar=True)
+        self.eval_nll.reset()
+        self.eval_tokens.reset()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def generate(
+        self,
+        prompt: torch.Tensor,
+        num_tokens: int | None = None,
+        generator: torch.Generator | None = None,
+        temperature: float | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Continue ``prompt`` [N, p]; [N, num_tokens]."""
+        with self._eval_mode():
+            return generate_next_token(
+                self.network, prompt.to(self.device), num_tokens or self.generate_tokens,
+                self.temperature if temperature is None else temperature, generator, use_cache,
+            )
