@@ -40,6 +40,7 @@ trainer:
       init_args:
         num_samples: 6
         batch_size: 3
+        every_n_epochs: 1
         seeds: [0, 1]
         reference_splits: [train, test]
         feature_extractor: {tiny}
@@ -56,6 +57,8 @@ def test_fit_then_test_reports_fid(tmp_path, capsys):
     main(["fit", "--config", str(cfg)])
     ckpt = tmp_path / "out" / "run" / "version_0" / "checkpoints" / "last.ckpt"
     assert ckpt.exists()
+    during_fit = json.loads((tmp_path / "out" / "run" / "version_0" / "fid_val_step3.json").read_text())
+    assert during_fit["stage"] == "val" and math.isfinite(during_fit["metrics"]["fid/test"])  # every_n_epochs
     capsys.readouterr()
     main(["test", "--config", str(cfg), "--ckpt_path", str(ckpt)])
     printed = capsys.readouterr().out
