@@ -34,11 +34,12 @@ def describe(module, datamodule: L.LightningDataModule | None) -> str:
         f"shared_io {net.shared_io}, schedule {module.schedule.kind}",
         "",
     ]
+    partition = getattr(module, "partition", None)  # a plain next-token baseline has none
     rows = [["block", "layers", "nominal noise range", "training noise range", "parameters"]]
     for b in range(net.num_blocks):
         start, end = net.bounds[b]
-        nominal = "[{:.4g}, {:.4g}]".format(*module.partition.nominal_range(b))
-        widened = "[{:.4g}, {:.4g}]".format(*module.partition.widened_range(b))
+        nominal = "[{:.4g}, {:.4g}]".format(*partition.nominal_range(b)) if partition else "-"
+        widened = "[{:.4g}, {:.4g}]".format(*partition.widened_range(b)) if partition else "-"
         rows.append([str(b), f"{start}-{end - 1}", nominal, widened, f"{count(net.block_parameters(b)):,}"])
     rows.append(["shared", "-", "-", "-", f"{count(net.shared_parameters()):,}"])
     rows.append(["total", "", "", "", f"{count(module.parameters()):,}"])
