@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader
 from torchvision.datasets import CIFAR10
 
-from dbl.data.images import MissingDataError, ReferenceImages, UInt8ImageDataset, UInt8Images, default_cache_dir, is_writable
+from dbl.data.images import InMemoryImageDataModule, MissingDataError, default_cache_dir, is_writable
 
 BATCH_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch", "batches.meta")
 
@@ -26,7 +24,7 @@ class _CIFAR10(CIFAR10):
         super().__init__(root, train=train, download=download)
 
 
-class CIFAR10DataModule(L.LightningDataModule):
+class CIFAR10DataModule(InMemoryImageDataModule):
     """CIFAR-10 as ``(image [3, 32, 32] in [-1, 1], label)`` batches, read by torchvision.
 
     Args:
@@ -44,7 +42,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
     """
 
-    num_classes = 10
+    reference_name = "cifar10"
 
     def __init__(
         self,
@@ -63,8 +61,6 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.root = Path(root).expanduser()
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else (
             self.root if is_writable(self.root) else default_cache_dir("cifar10"))
-        self._images: dict[str, torch.Tensor] = {}
-        self._labels: dict[str, torch.Tensor] = {}
 
     def _present(self) -> bool:
         return all((self.root / CIFAR10.base_folder / name).exists() for name in BATCH_FILES)
@@ -100,38 +96,3 @@ class CIFAR10DataModule(L.LightningDataModule):
         self._images[split] = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # HWC -> CHW, uint8
         self._labels[split] = torch.tensor(ds.targets, dtype=torch.long)
 
-    def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit"):
-            self._load("train")
-        self._load("test")
-
-    def _dataset(self, split: str, train: bool) -> UInt8ImageDataset:
-        self._load(split)
-        return UInt8ImageDataset(self._images[split], self._labels[split], random_flip=train and self.hparams.random_flip)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self._dataset("train", True), batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
-
-    def _eval_loader(self, split: str) -> DataLoader:
-        return DataLoader(self._dataset(split, False), batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
-                          num_workers=self.hparams.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        labels = torch.arange(self.hparams.num_predict) % self.num_classes
-        return DataLoader(labels, batch_size=self.hparams.batch_size)
-
-    def fid_reference(self, split: str) -> ReferenceImages:
-        """The ``train`` (50,000) or ``test`` (10,000) images, uint8, unflipped."""
-        if split not in ("train", "test"):
-            raise ValueError(f"CIFAR-10 has splits 'train' and 'test', not {split!r}")
-        self.prepare_data()
-        self._load(split)
-        description = dict(dataset="cifar10", split=split, n=len(self._images[split]))
-        return ReferenceImages(UInt8Images(self._images[split]), description, self.cache_dir)

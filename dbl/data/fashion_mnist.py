@@ -13,12 +13,9 @@ import os
 import shutil
 from pathlib import Path
 
-import lightning as L
-import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from dbl.data.images import MissingDataError, ReferenceImages, UInt8ImageDataset, UInt8Images, default_cache_dir, is_writable
+from dbl.data.images import InMemoryImageDataModule, MissingDataError, default_cache_dir, is_writable
 
 RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -36,7 +33,7 @@ def unpack_gz(raw_dir: Path, dest_raw_dir: Path) -> None:
         part.replace(dest)
 
 
-class FashionMNISTDataModule(L.LightningDataModule):
+class FashionMNISTDataModule(InMemoryImageDataModule):
     """torchvision's FashionMNIST as ``(image [C, 32, 32] in [-1, 1], label)`` batches.
 
     Args:
@@ -53,7 +50,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
     """
 
-    num_classes = 10
+    reference_name = "fashion-mnist"
 
     def __init__(
         self,
@@ -77,8 +74,6 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.root = Path(root).expanduser()
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else (
             self.root if is_writable(self.root) else default_cache_dir("fashion-mnist"))
-        self._images: dict[str, torch.Tensor] = {}
-        self._labels: dict[str, torch.Tensor] = {}
 
     def dataset_root(self) -> Path:
         """The folder to hand torchvision: ``root`` if it holds unpacked files, else the cache."""
@@ -116,40 +111,6 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self._images[split] = images.repeat(1, self.hparams.channels, 1, 1).contiguous()
         self._labels[split] = ds.targets.long()
 
-    def setup(self, stage: str | None = None) -> None:
-        self.prepare_data()  # idempotent; also covers use outside a Trainer
-        if stage in (None, "fit"):
-            self._load("train")
-        self._load("test")
-
-    def _dataset(self, split: str, train: bool) -> UInt8ImageDataset:
-        self._load(split)
-        return UInt8ImageDataset(self._images[split], self._labels[split], random_flip=train and self.hparams.random_flip)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self._dataset("train", True), batch_size=self.hparams.batch_size, shuffle=True,
-                          drop_last=True, num_workers=self.hparams.num_workers)
-
-    def _eval_loader(self, split: str) -> DataLoader:
-        return DataLoader(self._dataset(split, False), batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
-                          num_workers=self.hparams.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        labels = torch.arange(self.hparams.num_predict) % self.num_classes
-        return DataLoader(labels, batch_size=self.hparams.batch_size)
-
-    def fid_reference(self, split: str) -> ReferenceImages:
-        """The ``train`` or ``test`` split as the model sees it (padded, unflipped), uint8."""
-        if split not in ("train", "test"):
-            raise ValueError(f"Fashion-MNIST has splits 'train' and 'test', not {split!r}")
-        self.prepare_data()
-        self._load(split)
-        description = dict(dataset="fashion-mnist", split=split, n=len(self._images[split]),
-                           image_size=self.hparams.image_size, channels=self.hparams.channels)
-        return ReferenceImages(UInt8Images(self._images[split]), description, self.cache_dir)
+    def reference_description(self, split: str) -> dict:
+        return {**super().reference_description(split), "image_size": self.hparams.image_size,
+                "channels": self.hparams.channels}

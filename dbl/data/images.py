@@ -11,8 +11,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lightning as L
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 
 class MissingDataError(FileNotFoundError, ValueError):
@@ -85,3 +86,65 @@ class ReferenceImages:
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats -> uint8 [0, 255] (round to nearest); exact inverse of ``x / 127.5 - 1``."""
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class InMemoryImageDataModule(L.LightningDataModule):
+    """Shared part of the labelled image sets held in memory as uint8 (CIFAR-10, Fashion-MNIST).
+
+    A subclass saves its hyperparameters (``batch_size``, ``eval_batch_size``, ``random_flip``,
+    ``num_predict``, ``num_workers``), sets ``cache_dir`` and ``reference_name``, and fills
+    ``self._images[split]`` / ``self._labels[split]`` in ``_load(split)`` for ``train`` and ``test``.
+    Validation uses the test split; evaluation loaders never drop the last batch.
+    """
+
+    num_classes = 10
+    reference_name = ""
+    cache_dir: Path
+
+    def __init__(self):
+        super().__init__()
+        self._images: dict[str, torch.Tensor] = {}
+        self._labels: dict[str, torch.Tensor] = {}
+
+    def _load(self, split: str) -> None:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()  # idempotent; also covers use outside a Trainer
+        if stage in (None, "fit"):
+            self._load("train")
+        self._load("test")
+
+    def _dataset(self, split: str, train: bool) -> UInt8ImageDataset:
+        self._load(split)
+        return UInt8ImageDataset(self._images[split], self._labels[split], random_flip=train and self.hparams.random_flip)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self._dataset("train", True), batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
+                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        return DataLoader(self._dataset(split, False), batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
+                          num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        labels = torch.arange(self.hparams.num_predict) % self.num_classes
+        return DataLoader(labels, batch_size=self.hparams.batch_size)
+
+    def reference_description(self, split: str) -> dict:
+        """What the FID reference statistics of ``split`` cover (their cache key)."""
+        return dict(dataset=self.reference_name, split=split, n=len(self._images[split]))
+
+    def fid_reference(self, split: str) -> ReferenceImages:
+        """The ``train`` or ``test`` split as the model sees it (unflipped), uint8."""
+        if split not in ("train", "test"):
+            raise ValueError(f"{self.reference_name} has splits 'train' and 'test', not {split!r}")
+        self.prepare_data()
+        self._load(split)
+        return ReferenceImages(UInt8Images(self._images[split]), self.reference_description(split), self.cache_dir)

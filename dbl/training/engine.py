@@ -12,6 +12,7 @@ range): the baseline for like-for-like comparisons.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from typing import Literal, NamedTuple
 
 import lightning as L
@@ -123,6 +124,18 @@ class BlockwiseLightningModule(L.LightningModule):
 
     def on_validation_start(self) -> None:
         self.all_blocks_on_device()
+
+    @contextmanager
+    def sampling_mode(self):
+        """Every block on the device, the network in eval mode (no label dropout), no autograd."""
+        self.all_blocks_on_device()
+        was_training = self.network.training
+        self.network.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.network.train(was_training)
 
     # -- the task's part -------------------------------------------------------------------
     def block_loss(self, batch, block: int) -> BlockLoss:

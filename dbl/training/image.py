@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -133,16 +132,6 @@ class ImageDiffusionModule(BlockwiseLightningModule):
             metric.reset()
 
     # -- sampling --------------------------------------------------------------------------
-    @contextmanager
-    def _eval_mode(self):
-        was_training = self.network.training
-        self.network.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            self.network.train(was_training)
-
     @property
     def image_shape(self) -> tuple[int, int, int]:
         net = self.network.net
@@ -185,8 +174,7 @@ class ImageDiffusionModule(BlockwiseLightningModule):
             labels = labels.to(self.device)
             null = torch.full_like(labels, self.network.net.null_label)
             denoiser = cfg_denoiser(conditional, labels, null, opts["cfg_scale"])
-        self.all_blocks_on_device()
-        with self._eval_mode():
+        with self.sampling_mode():
             return sample(denoiser, noise, sigmas, opts["solver"])
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:

@@ -9,7 +9,6 @@ interval holds it, and reports bits per character.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -186,16 +185,6 @@ class MaskedDiffusionModule(BlockwiseLightningModule):
         self.log("test/bpc", self.test_bpc, prog_bar=True, batch_size=x.shape[0])
 
     # -- sampling --------------------------------------------------------------------------
-    @contextmanager
-    def _eval_mode(self):
-        was_training = self.network.training
-        self.network.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            self.network.train(was_training)
-
     def sample(
         self,
         num_samples: int,
@@ -207,7 +196,7 @@ class MaskedDiffusionModule(BlockwiseLightningModule):
 
         Each step calls only the block that owns the current t; ``num_steps`` does not depend on B.
         """
-        with self._eval_mode():
+        with self.sampling_mode():
             return ancestral_sample(
                 self.routed_logits, num_samples, length or self.sample_length, self.masking, self.mask_id,
                 num_steps or self.sample_steps, generator, device=self.device,

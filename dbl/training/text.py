@@ -16,7 +16,6 @@ Free-running generation is in ``dbl.models.generate``; ``dbl.callbacks.Generatio
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -64,16 +63,6 @@ class _TextModule(BlockwiseLightningModule):
         if vocab is not None and vocab > self.network.net.vocab_size:
             raise ValueError(f"the tokenizer has {vocab} tokens but the network's vocab_size is "
                              f"{self.network.net.vocab_size}; set network vocab_size >= {vocab}")
-
-    @contextmanager
-    def _eval_mode(self):
-        was_training = self.network.training
-        self.network.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            self.network.train(was_training)
 
     def generate(self, prompt: torch.Tensor, num_tokens: int | None = None, generator=None, **sampler) -> torch.Tensor:
         raise NotImplementedError
@@ -217,7 +206,7 @@ class ARDiffusionLMModule(_TextModule):
         """Continue ``prompt`` [N, p]; [N, num_tokens]. Unset options take the module's defaults."""
         opts = {**self.sample_defaults, **{k: v for k, v in dict(num_steps=num_steps, solver=solver, grid=grid).items() if v is not None}}
         sigmas = sigma_grid(opts["num_steps"], opts["grid"], self.sigma_min, self.sigma_max, self.density)
-        with self._eval_mode():
+        with self.sampling_mode():
             return generate_ar_diffusion(
                 self.network, self.partition, prompt.to(self.device), num_tokens or self.generate_tokens, sigmas,
                 opts["solver"], self.sigma_data, self.temperature if temperature is None else temperature,
@@ -291,7 +280,7 @@ class NextTokenLMModule(_TextModule):
         use_cache: bool = True,
     ) -> torch.Tensor:
         """Continue ``prompt`` [N, p]; [N, num_tokens]."""
-        with self._eval_mode():
+        with self.sampling_mode():
             return generate_next_token(
                 self.network, prompt.to(self.device), num_tokens or self.generate_tokens,
                 self.temperature if temperature is None else temperature, generator, use_cache,
