@@ -105,3 +105,14 @@ def test_quickstart_ctrl_c_checkpoints_and_rerun_resumes(tmp_path):
         main(["validate", "--config", QUICKSTART, "--ckpt_path", str(last), "--model.init_args.sample_steps", "7",
               "--trainer.limit_val_batches", "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
               "--trainer.default_root_dir", str(tmp_path)])
+
+    # `dbl predict` writes one PNG per generated image
+    out = tmp_path / "predictions"
+    (tmp_path / "writer.yaml").write_text(
+        "trainer:\n  callbacks:\n"
+        f"    - {{class_path: dbl.callbacks.ImagePredictionWriter, init_args: {{output_dir: {out}}}}}\n"
+    )
+    main(["predict", "--config", QUICKSTART, "--config", str(tmp_path / "writer.yaml"), "--ckpt_path", str(last),
+          "--data.init_args.num_predict", "3", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+          "--trainer.default_root_dir", str(tmp_path)])
+    assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png", "000002.png"]

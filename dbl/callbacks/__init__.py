@@ -3,10 +3,10 @@
 from dbl.callbacks.fid import FID
 from dbl.callbacks.generation import ContinuationWriter, GenerationMetrics
 from dbl.callbacks.memory import MemoryMonitor
-from dbl.callbacks.samples import SampleGrid
+from dbl.callbacks.samples import ImagePredictionWriter, SampleGrid
 from dbl.callbacks.text import TextPredictionWriter, TextSamples
 
 __all__ = [
-    "FID", "ContinuationWriter", "GenerationMetrics", "MemoryMonitor", "SampleGrid", "TextPredictionWriter",
+    "FID", "ContinuationWriter", "GenerationMetrics", "ImagePredictionWriter", "MemoryMonitor", "SampleGrid", "TextPredictionWriter",
     "TextSamples",
 ]

@@ -1,4 +1,5 @@
-"""Sample grids during training: fixed noise and labels, so grids compare across steps and runs."""
+"""Images out of a run: sample grids during training (fixed noise and labels, so grids compare
+across steps and runs) and the PNGs of ``dbl predict``."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_only
+from PIL import Image
 from torchvision.utils import make_grid, save_image
+
+from dbl.data.images import to_uint8
 
 
 class SampleGrid(L.Callback):
@@ -81,3 +86,34 @@ class SampleGrid(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.log_grid(trainer, pl_module)
+
+
+class ImagePredictionWriter(BasePredictionWriter):
+    """Writes what ``dbl predict`` generates: one PNG per image, ``<output_dir>/<index>.png``.
+
+    Latents are decoded first through the DataModule's ``decode_samples`` when it has one.
+
+    Args:
+        output_dir: destination; default ``<log_dir>/predictions`` of the predict run.
+    """
+
+    def __init__(self, output_dir: str | None = None):
+        super().__init__(write_interval="batch")
+        self.output_dir = output_dir
+        self.written = 0
+
+    def _folder(self, trainer) -> Path:
+        logger = trainer.logger
+        root = Path(self.output_dir) if self.output_dir else (
+            Path(logger.log_dir if logger is not None and logger.log_dir else trainer.default_root_dir) / "predictions")
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
+        decode = getattr(trainer.datamodule, "decode_samples", None)
+        images = decode(prediction) if decode is not None else prediction
+        folder = self._folder(trainer)
+        for image in to_uint8(images.cpu()):
+            array = image.permute(1, 2, 0).numpy()
+            Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(folder / f"{self.written:06d}.png")
+            self.written += 1
