@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from torch.utils.data import Subset
 
+from dbl.callbacks.paths import run_dir
 from dbl.data.images import ReferenceImages, to_uint8
 from dbl.evaluation.fid import INCEPTION, FeatureExtractor, frechet_distance, inception_score, reference_statistics, statistics
 
@@ -115,10 +116,6 @@ class FID(L.Callback):
             pl_module.log(name, value, rank_zero_only=True)
 
     # -- the evaluation --------------------------------------------------------------------
-    def _log_dir(self, trainer: L.Trainer) -> Path:
-        logger = trainer.logger
-        return Path(logger.log_dir if logger is not None and getattr(logger, "log_dir", None) else trainer.default_root_dir)
-
     def _reference(self, datamodule, split: str) -> ReferenceImages:
         reference = datamodule.fid_reference(split)
         if self.reference_size is None or self.reference_size >= len(reference.dataset):
@@ -205,7 +202,7 @@ class FID(L.Callback):
             feature_extractor=extractor.identity, metrics=metrics,
             per_seed={str(k): v for k, v in per_seed.items()}, reference_seconds=reference_seconds,
         )
-        out = self._log_dir(trainer) / f"fid_{stage}_step{trained_steps}.json"
+        out = run_dir(trainer) / f"fid_{stage}_step{trained_steps}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2))
         rank_zero_info(f"FID ({self.num_samples} samples, seeds {self.seeds}): "
@@ -214,7 +211,7 @@ class FID(L.Callback):
 
     # -- writing samples -------------------------------------------------------------------
     def _samples_root(self, trainer: L.Trainer) -> Path:
-        return Path(self.samples_dir) if self.samples_dir else self._log_dir(trainer) / "fid_samples"
+        return Path(self.samples_dir) if self.samples_dir else run_dir(trainer) / "fid_samples"
 
     def _save_batch(self, trainer, seed, offset, images, labels, saved_images, saved_labels) -> None:
         if self.save_samples == "npz":

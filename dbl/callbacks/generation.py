@@ -38,6 +38,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_only
 
+from dbl.callbacks.paths import run_dir
+
 
 def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
     """Distinct n-grams / all n-grams, pooled over ``sequences`` (0 when there are none)."""
@@ -269,8 +271,7 @@ class GenerationMetrics(L.Callback):
 
     @rank_zero_only
     def _write(self, trainer: L.Trainer, step: str, metrics: dict, records: list[dict]) -> None:
-        logger = trainer.logger
-        root = Path(logger.log_dir if logger is not None and logger.log_dir else trainer.default_root_dir)
+        root = run_dir(trainer)
         root.mkdir(parents=True, exist_ok=True)
         with open(root / f"{step}_{self.output}", "w") as f:
             for record in records:

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 from torchvision.utils import make_grid, save_image
 
+from dbl.callbacks.paths import run_dir
 from dbl.data.images import to_uint8
 
 
@@ -76,7 +77,7 @@ class SampleGrid(L.Callback):
         if logger is not None and hasattr(logger.experiment, "add_image"):
             logger.experiment.add_image("samples", grid, global_step=step)
         if self.save_png:
-            root = Path(logger.log_dir if logger is not None and logger.log_dir else trainer.default_root_dir)
+            root = run_dir(trainer)
             (root / "samples").mkdir(parents=True, exist_ok=True)
             save_image(grid, root / "samples" / f"step_{step:07d}.png")
 
@@ -103,9 +104,7 @@ class ImagePredictionWriter(BasePredictionWriter):
         self.written = 0
 
     def _folder(self, trainer) -> Path:
-        logger = trainer.logger
-        root = Path(self.output_dir) if self.output_dir else (
-            Path(logger.log_dir if logger is not None and logger.log_dir else trainer.default_root_dir) / "predictions")
+        root = Path(self.output_dir) if self.output_dir else run_dir(trainer) / "predictions"
         root.mkdir(parents=True, exist_ok=True)
         return root
 

@@ -12,17 +12,14 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_only
 
+from dbl.callbacks.paths import run_dir
+
 
 def _decoder(trainer: L.Trainer):
     decode = getattr(trainer.datamodule, "decode", None)
     if decode is None:
         raise TypeError(f"{type(trainer.datamodule).__name__} has no `decode`; text callbacks need one to print samples")
     return decode
-
-
-def _output_dir(trainer: L.Trainer) -> Path:
-    logger = trainer.logger
-    return Path(logger.log_dir if logger is not None and getattr(logger, "log_dir", None) else trainer.default_root_dir)
 
 
 class TextSamples(L.Callback):
@@ -64,7 +61,7 @@ class TextSamples(L.Callback):
             # Markdown: a fenced block keeps spaces and line breaks as they are
             logger.experiment.add_text("samples", "\n\n".join(f"```\n{t}\n```" for t in texts), global_step=step)
         if self.save_txt:
-            out = _output_dir(trainer) / "samples"
+            out = run_dir(trainer) / "samples"
             out.mkdir(parents=True, exist_ok=True)
             (out / f"step_{step:07d}.txt").write_text("\n".join(texts) + "\n")
 
@@ -90,7 +87,7 @@ class TextPredictionWriter(BasePredictionWriter):
         self._file: Path | None = None
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        self._file = Path(self.path) if self.path else _output_dir(trainer) / "samples.txt"
+        self._file = Path(self.path) if self.path else run_dir(trainer) / "samples.txt"
         self._file.parent.mkdir(parents=True, exist_ok=True)
         self._file.write_text("")
 
