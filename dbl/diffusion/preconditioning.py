@@ -38,6 +38,13 @@ def loss_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
+def check_loss_weighting(weighting: str) -> str:
+    """``weighting`` if it is one of ``LOSS_WEIGHTINGS``, else a ValueError naming the choices."""
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"unknown loss_weighting {weighting!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}")
+    return weighting
+
+
 def weighted_loss(
     per_sample_loss: torch.Tensor,
     sigma: torch.Tensor,
@@ -58,6 +65,7 @@ def weighted_loss(
         raise ValueError(
             f"per_sample_loss and sigma must both be [N]; got {tuple(per_sample_loss.shape)} and {tuple(sigma.shape)}"
         )
+    check_loss_weighting(weighting)
     if weighting == "none":
         return per_sample_loss.mean()
     weight = loss_weight(sigma, sigma_data)
@@ -65,6 +73,4 @@ def weighted_loss(
         return (weight * per_sample_loss).mean()
     if weighting == "edm_clamped":
         return (weight.clamp(max=max_weight) * per_sample_loss).mean()
-    if weighting == "batch_mean":
-        return weight.mean() * per_sample_loss.mean()
-    raise ValueError(f"unknown loss_weighting {weighting!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}")
+    return weight.mean() * per_sample_loss.mean()  # batch_mean

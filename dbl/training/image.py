@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from dbl.diffusion.partition import PARTITION_KINDS, make_partition
-from dbl.diffusion.preconditioning import LOSS_WEIGHTINGS, edm_scalings, loss_weight, weighted_loss
+from dbl.diffusion.partition import make_partition
+from dbl.diffusion.preconditioning import check_loss_weighting, edm_scalings, loss_weight, weighted_loss
 from dbl.diffusion.samplers import cfg_denoiser, sample, sigma_grid
 from dbl.diffusion.sigma import LogNormal
 from dbl.training.engine import BlockLoss, BlockwiseLightningModule
@@ -53,10 +53,7 @@ class ImageDiffusionModule(BlockwiseLightningModule):
         **kwargs,
     ):
         super().__init__(network, **kwargs)
-        if loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"unknown loss_weighting {loss_weighting!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}")
-        if partition not in PARTITION_KINDS:
-            raise ValueError(f"unknown partition {partition!r}; choose one of {', '.join(PARTITION_KINDS)}")
+        check_loss_weighting(loss_weighting)  # the partition's name is checked by make_partition
         self.density = LogNormal(p_mean, p_std)
         self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
         self.partition = make_partition(partition, self.num_blocks, overlap, sigma_min, sigma_max, self.density)
