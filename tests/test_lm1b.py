@@ -267,7 +267,7 @@ def test_next_token_perplexity_is_exact():
     module = NextTokenLMModule(tiny_llama())
     tokens = torch.randint(0, module.network.net.vocab_size, (2, 6))
     mask = torch.tensor([[1.0] * 6, [1.0] * 4 + [0.0] * 2])
-    module._eval_step((tokens, mask), "test")
+    module._eval_step((tokens, mask), 0, "test")
     logits = module.network(None, None, ARInput(tokens), block=0)
     logp = logits.log_softmax(-1)
     nll = [-logp[0, i, tokens[0, i + 1]] for i in range(5)] + [-logp[1, i, tokens[1, i + 1]] for i in range(3)]

@@ -2,11 +2,14 @@
 
 from dbl.training.engine import BlockLoss, BlockwiseLightningModule
 from dbl.training.image import ImageDiffusionModule
-from dbl.training.masked import BitsPerCharacter, MaskedDiffusionModule
+from dbl.training.edm import EDMDiffusionModule
+from dbl.training.masked import MaskedDiffusionModule
+from dbl.training.metrics import BitsPerCharacter, PerBlockMean
 from dbl.training.schedules import BlockSchedule, make_schedule
 from dbl.training.text import ARDiffusionLMModule, NextTokenLMModule
 
 __all__ = [
     "ARDiffusionLMModule", "BitsPerCharacter", "BlockLoss", "BlockSchedule", "BlockwiseLightningModule",
-    "ImageDiffusionModule", "MaskedDiffusionModule", "NextTokenLMModule", "make_schedule",
+    "EDMDiffusionModule", "ImageDiffusionModule", "MaskedDiffusionModule", "NextTokenLMModule", "PerBlockMean",
+    "make_schedule",
 ]

@@ -11,6 +11,7 @@ range): the baseline for like-for-like comparisons.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Literal, NamedTuple
@@ -20,6 +21,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
+from torchmetrics import Metric
 
 from dbl.models.blockwise import BlockwiseNetwork
 from dbl.training.offload import BlockOffloader
@@ -110,7 +112,12 @@ class BlockwiseLightningModule(L.LightningModule):
             )
 
     def on_train_start(self) -> None:
-        # After Lightning restored any checkpoint (and moved all optimizer state to the device).
+        if self.trainer.world_size > 1:
+            # seed_everything gives every process the same seed, so each would draw the same sigmas,
+            # noise and label dropout for its own data: offset the seed by rank (as DiT does). The
+            # block schedule does not use this generator, so every rank still trains the same block.
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
+        # Below: after Lightning restored any checkpoint (and moved all optimizer state to the device).
         if self.offload_inactive:
             optimizers = self.optimizers()
             optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
@@ -136,6 +143,17 @@ class BlockwiseLightningModule(L.LightningModule):
                 yield
         finally:
             self.network.train(was_training)
+
+    def log_per_block(self, name: str, metric: Metric) -> None:
+        """Log a per-block metric (``dbl.training.metrics``) as ``<name>/block<b>`` and reset it.
+
+        Every process computes (and so syncs) it; a block no sample reached (NaN) is not logged.
+        """
+        for block, value in enumerate(metric.compute().tolist()):
+            if math.isfinite(value):
+                # already synced by compute(); sync_dist only tells Lightning so
+                self.log(f"{name}/block{block}", value, sync_dist=True)
+        metric.reset()
 
     # -- the task's part -------------------------------------------------------------------
     def block_loss(self, batch, block: int) -> BlockLoss:

@@ -2,66 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from dbl.diffusion.partition import make_partition
-from dbl.diffusion.preconditioning import check_loss_weighting, edm_scalings, loss_weight, weighted_loss
-from dbl.diffusion.samplers import cfg_denoiser, sample, sigma_grid
-from dbl.diffusion.sigma import LogNormal
-from dbl.training.engine import BlockLoss, BlockwiseLightningModule
+from dbl.diffusion.preconditioning import edm_scalings
+from dbl.diffusion.samplers import cfg_denoiser, sample
+from dbl.training.edm import EDMDiffusionModule
+from dbl.training.engine import BlockLoss
+from dbl.training.metrics import PerBlockMean
 
 
-class ImageDiffusionModule(BlockwiseLightningModule):
+class ImageDiffusionModule(EDMDiffusionModule):
     """EDM denoising of images, each block trained on its slice of the noise range.
 
     Batches are ``(images, labels)`` with images scaled to [-1, 1] (or latents scaled to unit-ish
     variance) and labels in [0, num_classes); ``labels`` may be None for unconditional data.
 
     Args:
-        partition: how the noise range is split: ``equiprobable`` (the paper's), ``uniform_log``,
-            ``uniform_linear``.
         overlap: gamma, the widening of each block's training range (paper: 0.05 for images).
-        loss_weighting: ``edm`` (per-sample lambda(sigma), default), ``edm_clamped`` (lambda capped
-            at ``max_loss_weight``), ``batch_mean`` (the official code's effective objective), ``none``.
-        sigma_min, sigma_max, p_mean, p_std, sigma_data: EDM's constants.
-        sample_steps, sample_solver, sample_grid, cfg_scale: defaults for ``sample``; each can be
-            overridden per call, and none is stored with the model's weights.
-        **kwargs: the engine's options (``num_blocks``, ``block_schedule``, ``optimizer``, ...),
-            see ``BlockwiseLightningModule``.
+        sample_steps: default number of solver steps of ``sample`` (paper: 50).
+        cfg_scale: default classifier-free guidance scale of ``sample`` (paper: 2.0); per call
+            overridable, like the other ``sample_*`` defaults.
+        **kwargs: the noise options (``partition``, ``loss_weighting``, EDM's constants,
+            ``sample_solver``, ``sample_grid``; see ``EDMDiffusionModule``) and the engine's
+            (``num_blocks``, ``block_schedule``, ``optimizer``, ...; see ``BlockwiseLightningModule``).
     """
 
-    def __init__(
-        self,
-        network: nn.Module,
-        partition: Literal["equiprobable", "uniform_log", "uniform_linear"] = "equiprobable",
-        overlap: float = 0.05,
-        loss_weighting: Literal["edm", "edm_clamped", "batch_mean", "none"] = "edm",
-        max_loss_weight: float = 1000.0,
-        sigma_min: float = 0.002,
-        sigma_max: float = 80.0,
-        p_mean: float = -1.2,
-        p_std: float = 1.2,
-        sigma_data: float = 0.5,
-        sample_steps: int = 50,
-        sample_solver: Literal["euler", "heun"] = "euler",
-        sample_grid: Literal["cdf", "karras"] = "cdf",
-        cfg_scale: float = 2.0,
-        **kwargs,
-    ):
-        super().__init__(network, **kwargs)
-        check_loss_weighting(loss_weighting)  # the partition's name is checked by make_partition
-        self.density = LogNormal(p_mean, p_std)
-        self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
-        self.partition = make_partition(partition, self.num_blocks, overlap, sigma_min, sigma_max, self.density)
-        self.loss_weighting, self.max_loss_weight = loss_weighting, max_loss_weight
-        self.sample_defaults = dict(num_steps=sample_steps, solver=sample_solver, grid=sample_grid, cfg_scale=cfg_scale)
+    def __init__(self, network: nn.Module, overlap: float = 0.05, sample_steps: int = 50, cfg_scale: float = 2.0, **kwargs):
+        super().__init__(network, overlap=overlap, sample_steps=sample_steps, **kwargs)
+        self.sample_defaults["cfg_scale"] = cfg_scale
         self.val_loss, self.val_mse = MeanMetric(), MeanMetric()
         self.test_loss, self.test_mse = MeanMetric(), MeanMetric()
-        self.val_block_loss = nn.ModuleList(MeanMetric() for _ in range(self.num_blocks))
+        self.val_block_loss = PerBlockMean(self.num_blocks)
 
     # -- the denoiser ----------------------------------------------------------------------
     def denoise(self, z: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None, block: int | None) -> torch.Tensor:
@@ -77,42 +50,32 @@ class ImageDiffusionModule(BlockwiseLightningModule):
 
     def block_loss(self, batch, block: int) -> BlockLoss:
         x, labels = batch
-        lo, hi = self.partition.widened_range(block)
-        sigma = self.density.sample(x.shape[0], lo, hi, device=x.device)
+        sigma = self.training_sigma(block, x.shape[0], x.device)
         mse = self.per_sample_loss(x, labels, sigma, torch.randn_like(x), block)
-        loss = weighted_loss(mse, sigma, self.loss_weighting, self.sigma_data, self.max_loss_weight)
-        return BlockLoss(loss, mse.mean(), sigma)
+        return BlockLoss(self.training_loss(mse, sigma), mse.mean(), sigma)
 
     # -- evaluation ------------------------------------------------------------------------
-    def validation_step(self, batch, batch_idx: int) -> None:
-        """Loss over the full EDM noise distribution, each sigma handled by the block that owns it.
+    def _routed_loss(self, batch, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(owning block, unweighted mse, EDM-weighted loss) per sample; see ``routed_loss``."""
+        x, labels = batch
 
-        ``val/loss`` is the per-sample EDM-weighted loss (the paper's objective) whatever
-        ``loss_weighting`` trains with, so every run is scored the same way; ``val/mse`` is
-        unweighted. Noise is seeded by the batch index, so every evaluation and every model
-        (block-wise or end-to-end) sees the same sigmas and noise.
-        """
+        def mse(idx, sigma, noise, block):
+            return self.per_sample_loss(x[idx], None if labels is None else labels[idx], sigma, noise.to(x), block)
+
+        return self.routed_loss(mse, x.shape, batch_idx, x.device)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        """``val/loss`` (lambda(sigma)-weighted, the paper's objective), ``val/mse`` (unweighted) and
+        each block's share, over the full noise distribution (``routed_loss``)."""
         owner, mse, weighted = self._routed_loss(batch, batch_idx)
-        x = batch[0]
-        for block in owner.unique().tolist():
-            self.val_block_loss[block].update(weighted[owner == block])
+        self.val_block_loss.update(weighted, owner)
         self.val_loss.update(weighted)
         self.val_mse.update(mse)
-        self.log("val/loss", self.val_loss, prog_bar=True, batch_size=x.shape[0])
-        self.log("val/mse", self.val_mse, batch_size=x.shape[0])
+        self.log("val/loss", self.val_loss, prog_bar=True, batch_size=mse.shape[0])
+        self.log("val/mse", self.val_mse, batch_size=mse.shape[0])
 
-    def _routed_loss(self, batch, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(owning block, unweighted mse, EDM-weighted loss) per sample, noise seeded by ``batch_idx``."""
-        x, labels = batch
-        gen = torch.Generator().manual_seed(batch_idx)
-        sigma = self.density.sample(x.shape[0], self.sigma_min, self.sigma_max, generator=gen, device=x.device)
-        noise = torch.randn(x.shape, generator=gen).to(x)
-        owner = self.partition.block_of(sigma.cpu()).to(x.device)
-        mse = torch.empty_like(sigma)
-        for block in owner.unique().tolist():
-            idx = owner == block
-            mse[idx] = self.per_sample_loss(x[idx], None if labels is None else labels[idx], sigma[idx], noise[idx], block)
-        return owner, mse, loss_weight(sigma, self.sigma_data) * mse
+    def on_validation_epoch_end(self) -> None:
+        self.log_per_block("val_loss", self.val_block_loss)
 
     def test_step(self, batch, batch_idx: int) -> None:
         """The validation loss on the test loader, as ``test/loss`` and ``test/mse`` (FID: ``dbl.callbacks.FID``)."""
@@ -121,12 +84,6 @@ class ImageDiffusionModule(BlockwiseLightningModule):
         self.test_mse.update(mse)
         self.log("test/loss", self.test_loss, batch_size=mse.shape[0])
         self.log("test/mse", self.test_mse, batch_size=mse.shape[0])
-
-    def on_validation_epoch_end(self) -> None:
-        for block, metric in enumerate(self.val_block_loss):
-            if metric.update_count:
-                self.log(f"val_loss/block{block}", metric.compute())
-            metric.reset()
 
     # -- sampling --------------------------------------------------------------------------
     @property
@@ -155,12 +112,12 @@ class ImageDiffusionModule(BlockwiseLightningModule):
         Each solver step calls only the block whose nominal range holds the current sigma.
         ``num_steps`` and the rest default to the module's ``sample_*`` settings.
         """
-        opts = {**self.sample_defaults, **{k: v for k, v in dict(num_steps=num_steps, solver=solver, grid=grid, cfg_scale=cfg_scale).items() if v is not None}}
+        opts = self.sampler_options(num_steps=num_steps, solver=solver, grid=grid, cfg_scale=cfg_scale)
         n = labels.shape[0] if labels is not None else num_samples
         if n is None:
             raise ValueError("sample() needs labels or num_samples")
         noise = torch.randn((n, *self.image_shape), generator=generator).to(self.device)
-        sigmas = sigma_grid(opts["num_steps"], opts["grid"], self.sigma_min, self.sigma_max, self.density)
+        sigmas = self.sigma_schedule(opts["num_steps"], opts["grid"])
 
         def conditional(z, sigma, y):
             return self.denoise(z, sigma, y, block=int(self.partition.block_of(sigma.cpu())))

@@ -8,12 +8,10 @@ interval holds it, and reports bits per character.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
 from torch import nn
-from torchmetrics import Metric
 
 from dbl.diffusion.masked import (
     MASKING_SCHEDULES,
@@ -28,29 +26,7 @@ from dbl.diffusion.masked import (
     uniform_in,
 )
 from dbl.training.engine import BlockLoss, BlockwiseLightningModule
-
-
-class BitsPerCharacter(Metric):
-    """Accumulates negative ELBO (nats, float64) and characters; ``compute`` gives bits per character.
-
-    ``update(nats, chars)``: total nats of some sequences and how many characters they hold.
-    BPC = sum(nats) / sum(chars) / ln 2: a character-weighted mean, so a short last chunk counts
-    in proportion to its length.
-    """
-
-    full_state_update = False
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("nats", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("chars", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, nats: torch.Tensor, chars: int | torch.Tensor) -> None:
-        self.nats += nats.double().sum()
-        self.chars += torch.as_tensor(chars, dtype=torch.float64, device=self.chars.device).sum()
-
-    def compute(self) -> torch.Tensor:
-        return self.nats / self.chars / math.log(2)
+from dbl.training.metrics import BitsPerCharacter
 
 
 class MaskedDiffusionModule(BlockwiseLightningModule):
@@ -103,7 +79,7 @@ class MaskedDiffusionModule(BlockwiseLightningModule):
         self.sample_length = sample_length or self.network.net.seq_len
         self.val_bpc, self.test_bpc = BitsPerCharacter(), BitsPerCharacter()
         # each block's share of the validation BPC (its t-interval's part of the integral); they sum to val/bpc
-        self.val_block_bpc = nn.ModuleList(BitsPerCharacter() for _ in range(self.num_blocks))
+        self.val_block_bpc = BitsPerCharacter(self.num_blocks)
 
     @property
     def mask_id(self) -> int:
@@ -166,15 +142,14 @@ class MaskedDiffusionModule(BlockwiseLightningModule):
         length = x.shape[1]
         self.val_bpc.update(terms.mean(1) * length, x.numel())
         owner = self.partition.block_of(times).to(terms.device)
-        for block in range(self.num_blocks):
-            self.val_block_bpc[block].update((terms * (owner == block)).mean(1) * length, x.numel())
+        # each block's part of each sequence's nats: [N, K] terms spread over [N, B] by owner
+        per_block = torch.zeros(*terms.shape[:1], self.num_blocks, dtype=terms.dtype, device=terms.device)
+        per_block.scatter_add_(1, owner, terms)
+        self.val_block_bpc.update(per_block / terms.shape[1] * length, x.numel())
         self.log("val/bpc", self.val_bpc, prog_bar=True, batch_size=x.shape[0])
 
     def on_validation_epoch_end(self) -> None:
-        for block, metric in enumerate(self.val_block_bpc):
-            if metric.update_count:
-                self.log(f"val_bpc/block{block}", metric.compute())
-            metric.reset()
+        self.log_per_block("val_bpc", self.val_block_bpc)
 
     def test_step(self, batch, batch_idx: int) -> None:
         """``test/bpc``: negative ELBO of every character of the test split, in bits per character."""

@@ -16,20 +16,17 @@ Free-running generation is in ``dbl.models.generate``; ``dbl.callbacks.Generatio
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 
-from dbl.diffusion.partition import make_partition
-from dbl.diffusion.preconditioning import check_loss_weighting, edm_scalings, loss_weight, weighted_loss
-from dbl.diffusion.samplers import sigma_grid
-from dbl.diffusion.sigma import LogNormal
+from dbl.diffusion.preconditioning import edm_scalings
 from dbl.models.generate import generate_ar_diffusion, generate_next_token
 from dbl.models.llama import ARInput
+from dbl.training.edm import EDMDiffusionModule
 from dbl.training.engine import BlockLoss, BlockwiseLightningModule
+from dbl.training.metrics import PerBlockMean
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -43,11 +40,11 @@ def s_like(sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return sigma.view(-1, *[1] * (noise.dim() - 1)).to(noise.dtype)
 
 
-class _TextModule(BlockwiseLightningModule):
-    """What both text tasks share: evaluation mode, ``predict_step``, sampler defaults."""
+class _TextTask:
+    """What both text tasks share (a mixin before the engine in the bases): the decoder check,
+    generation defaults, ``predict_step`` and the validation/test hooks around ``_eval_step``."""
 
-    def __init__(self, network: nn.Module, generate_tokens: int, temperature: float, **kwargs):
-        super().__init__(network, **kwargs)
+    def _init_text(self, generate_tokens: int, temperature: float) -> None:
         for attr in ("token_vectors", "token_table", "denoised_logits"):
             if not hasattr(self.network.net, attr):
                 raise TypeError(f"{type(self.network.net).__name__} is not a text decoder like dbl.models.Llama: no `{attr}`")
@@ -64,64 +61,56 @@ class _TextModule(BlockwiseLightningModule):
             raise ValueError(f"the tokenizer has {vocab} tokens but the network's vocab_size is "
                              f"{self.network.net.vocab_size}; set network vocab_size >= {vocab}")
 
-    def generate(self, prompt: torch.Tensor, num_tokens: int | None = None, generator=None, **sampler) -> torch.Tensor:
-        raise NotImplementedError
-
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         """``batch``: prompts [N, p] of equal length (or a tuple whose first item is that)."""
         prompt = batch[0] if isinstance(batch, (tuple, list)) else batch
         gen = torch.Generator().manual_seed(batch_idx)
         return {"prompt": prompt, "continuation": self.generate(prompt, generator=gen)}
 
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
 
-class ARDiffusionLMModule(_TextModule):
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+
+class ARDiffusionLMModule(_TextTask, EDMDiffusionModule):
     """Autoregressive diffusion in embedding space, each block trained on its slice of the noise range.
 
     Args:
         network: ``dbl.models.Llama``.
-        partition, overlap: how the noise range is split and widened (paper: equiprobable, 0.1).
-        loss_weighting: ``edm`` (per-sample lambda(sigma) * CE, the paper's stated objective),
-            ``edm_clamped`` (lambda capped at ``max_loss_weight``), ``batch_mean`` (the official
-            code's effective objective), ``none``.
-        sigma_min, sigma_max, p_mean, p_std, sigma_data: EDM's constants.
-        sample_steps, sample_solver, sample_grid: solver defaults for generation (per call
-            overridable; nothing is stored with the weights).
+        overlap: gamma, the widening of each block's training range (paper: 0.1 for AR text).
+        sample_steps: default solver steps per generated token (per call overridable).
         temperature: 0 takes the argmax of the last step's logits; > 0 samples at that temperature.
         generate_tokens: continuation length of ``dbl predict``.
-        **kwargs: the engine's options (``num_blocks``, ``optimizer``, ...). ``shared_io`` must
-            stay true: the diffusion runs on the rows of the token table, which every block must share.
+        **kwargs: the noise options (``partition``, ``loss_weighting``: ``edm`` is per-sample
+            lambda(sigma) * CE, the paper's stated objective; EDM's constants, ``sample_solver``,
+            ``sample_grid``; see ``EDMDiffusionModule``) and the engine's (``num_blocks``,
+            ``optimizer``, ...). ``shared_io`` must stay true: the diffusion runs on the rows of the
+            token table, which every block must share.
     """
 
     def __init__(
         self,
         network: nn.Module,
-        partition: Literal["equiprobable", "uniform_log", "uniform_linear"] = "equiprobable",
         overlap: float = 0.1,
-        loss_weighting: Literal["edm", "edm_clamped", "batch_mean", "none"] = "edm",
-        max_loss_weight: float = 1000.0,
-        sigma_min: float = 0.002,
-        sigma_max: float = 80.0,
-        p_mean: float = -1.2,
-        p_std: float = 1.2,
-        sigma_data: float = 0.5,
         sample_steps: int = 32,
-        sample_solver: Literal["euler", "heun"] = "euler",
-        sample_grid: Literal["cdf", "karras"] = "cdf",
         temperature: float = 0.0,
         generate_tokens: int = 64,
         **kwargs,
     ):
         if not kwargs.get("shared_io", True):
             raise ValueError("ARDiffusionLMModule needs shared_io: true (the diffusion targets are the shared token table's rows)")
-        super().__init__(network, generate_tokens, temperature, **kwargs)
-        check_loss_weighting(loss_weighting)  # the partition's name is checked by make_partition
-        self.density = LogNormal(p_mean, p_std)
-        self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
-        self.partition = make_partition(partition, self.num_blocks, overlap, sigma_min, sigma_max, self.density)
-        self.loss_weighting, self.max_loss_weight = loss_weighting, max_loss_weight
-        self.sample_defaults = dict(num_steps=sample_steps, solver=sample_solver, grid=sample_grid)
+        super().__init__(network, overlap=overlap, sample_steps=sample_steps, **kwargs)
+        self._init_text(generate_tokens, temperature)
         self.eval_loss, self.eval_ce = MeanMetric(), MeanMetric()
-        self.eval_block_ce = nn.ModuleList(MeanMetric() for _ in range(self.num_blocks))
+        self.eval_block_ce = PerBlockMean(self.num_blocks)
 
     # -- the objective ---------------------------------------------------------------------
     def logits(self, tokens: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, block: int | None) -> torch.Tensor:
@@ -139,54 +128,32 @@ class ARDiffusionLMModule(_TextModule):
 
     def block_loss(self, batch, block: int) -> BlockLoss:
         tokens, loss_mask = batch
-        lo, hi = self.partition.widened_range(block)
-        sigma = self.density.sample(tokens.shape[0], lo, hi, device=tokens.device)
+        sigma = self.training_sigma(block, tokens.shape[0], tokens.device)
         noise = torch.randn((*tokens.shape, self.network.net.hidden_size), device=tokens.device)
         ce = self.per_sample_ce(tokens, loss_mask, sigma, noise, block)
-        loss = weighted_loss(ce, sigma, self.loss_weighting, self.sigma_data, self.max_loss_weight)
-        return BlockLoss(loss, ce.mean(), sigma)
+        return BlockLoss(self.training_loss(ce, sigma), ce.mean(), sigma)
 
     # -- evaluation ------------------------------------------------------------------------
     def _eval_step(self, batch, batch_idx: int, stage: str) -> None:
-        """CE over the full EDM noise distribution, each sigma handled by the block that owns it.
-
-        ``<stage>/loss`` is lambda(sigma)-weighted whatever ``loss_weighting`` trains with;
-        ``<stage>/ce`` is unweighted. Noise is seeded by the batch index, so every evaluation and
-        every model sees the same sigmas and noise. Neither is a likelihood: score generations
-        with ``dbl.callbacks.GenerationMetrics``.
+        """``<stage>/loss`` (lambda(sigma)-weighted), ``<stage>/ce`` (unweighted) and each block's CE,
+        over the full noise distribution (``routed_loss``). Neither is a likelihood: score
+        generations with ``dbl.callbacks.GenerationMetrics``.
         """
         tokens, loss_mask = batch
-        gen = torch.Generator().manual_seed(batch_idx)
-        sigma = self.density.sample(tokens.shape[0], self.sigma_min, self.sigma_max, generator=gen, device=tokens.device)
-        noise = torch.randn((*tokens.shape, self.network.net.hidden_size), generator=gen).to(tokens.device)
-        owner = self.partition.block_of(sigma.cpu()).to(tokens.device)
-        ce = torch.empty_like(sigma)
-        for block in owner.unique().tolist():
-            idx = owner == block
-            ce[idx] = self.per_sample_ce(tokens[idx], loss_mask[idx], sigma[idx], noise[idx], block)
-            self.eval_block_ce[block].update(ce[idx])
-        self.eval_loss.update(loss_weight(sigma, self.sigma_data) * ce)
+
+        def per_sample_ce(idx, sigma, noise, block):
+            return self.per_sample_ce(tokens[idx], loss_mask[idx], sigma, noise, block)
+
+        noise_shape = (*tokens.shape, self.network.net.hidden_size)
+        owner, ce, weighted = self.routed_loss(per_sample_ce, noise_shape, batch_idx, tokens.device)
+        self.eval_block_ce.update(ce, owner)
+        self.eval_loss.update(weighted)
         self.eval_ce.update(ce)
         self.log(f"{stage}/loss", self.eval_loss, prog_bar=True, batch_size=tokens.shape[0])
         self.log(f"{stage}/ce", self.eval_ce, batch_size=tokens.shape[0])
 
     def _eval_epoch_end(self, stage: str) -> None:
-        for block, metric in enumerate(self.eval_block_ce):
-            if metric.update_count:
-                self.log(f"{stage}_ce/block{block}", metric.compute())
-            metric.reset()
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
+        self.log_per_block(f"{stage}_ce", self.eval_block_ce)
 
     # -- generation ------------------------------------------------------------------------
     def generate(
@@ -201,8 +168,8 @@ class ARDiffusionLMModule(_TextModule):
         use_cache: bool = True,
     ) -> torch.Tensor:
         """Continue ``prompt`` [N, p]; [N, num_tokens]. Unset options take the module's defaults."""
-        opts = {**self.sample_defaults, **{k: v for k, v in dict(num_steps=num_steps, solver=solver, grid=grid).items() if v is not None}}
-        sigmas = sigma_grid(opts["num_steps"], opts["grid"], self.sigma_min, self.sigma_max, self.density)
+        opts = self.sampler_options(num_steps=num_steps, solver=solver, grid=grid)
+        sigmas = self.sigma_schedule(opts["num_steps"], opts["grid"])
         with self.sampling_mode():
             return generate_ar_diffusion(
                 self.network, self.partition, prompt.to(self.device), num_tokens or self.generate_tokens, sigmas,
@@ -211,7 +178,7 @@ class ARDiffusionLMModule(_TextModule):
             )
 
 
-class NextTokenLMModule(_TextModule):
+class NextTokenLMModule(_TextTask, BlockwiseLightningModule):
     """The same decoder trained end to end with next-token cross-entropy: the paper's baseline.
 
     It is the engine with ``num_blocks: 1`` (set here; any other value is an error), so optimizer,
@@ -229,7 +196,8 @@ class NextTokenLMModule(_TextModule):
     def __init__(self, network: nn.Module, temperature: float = 0.0, generate_tokens: int = 64, num_blocks: int = 1, **kwargs):
         if num_blocks != 1:
             raise ValueError(f"NextTokenLMModule trains end to end: num_blocks must be 1, got {num_blocks}")
-        super().__init__(network, generate_tokens, temperature, num_blocks=1, **kwargs)
+        super().__init__(network, num_blocks=1, **kwargs)
+        self._init_text(generate_tokens, temperature)
         self.eval_nll, self.eval_tokens = SumMetric(), SumMetric()
 
     def token_nll(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,7 +212,7 @@ class NextTokenLMModule(_TextModule):
         loss = (nll * mask).sum() / mask.sum().clamp(min=1)
         return BlockLoss(loss, loss, torch.zeros(nll.shape[0], device=nll.device))  # noise level 0: no diffusion
 
-    def _eval_step(self, batch, stage: str) -> None:
+    def _eval_step(self, batch, batch_idx: int, stage: str) -> None:
         nll, mask = self.token_nll(batch)
         self.eval_nll.update((nll * mask).sum())
         self.eval_tokens.update(mask.sum())
@@ -255,18 +223,6 @@ class NextTokenLMModule(_TextModule):
         self.log(f"{stage}/ppl", ce.exp(), prog_bar=True)
         self.eval_nll.reset()
         self.eval_tokens.reset()
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
 
     def generate(
         self,

@@ -1,0 +1,36 @@
+"""A callback for tests/test_ddp.py: what each data-parallel process did, written to <dir>/rank<r>.pt."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class RecordRanks(L.Callback):
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+        self.blocks: list[int] = []
+        self.rng: list[str] = []
+        self.val: list[dict[str, float]] = []
+        self._updates: torch.Tensor | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # the generator that draws each step's sigmas, noise and label dropout
+        self.rng.append(hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest())
+        self._updates = pl_module.block_updates.clone()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.blocks.append(int((pl_module.block_updates - self._updates).nonzero().item()))
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.val.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")})
+
+    def on_train_end(self, trainer, pl_module):
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        torch.save({"blocks": self.blocks, "rng": self.rng, "val": self.val, "state": state},
+                   self.out_dir / f"rank{trainer.global_rank}.pt")

@@ -1,0 +1,38 @@
+import math
+
+import lightning as L
+import pytest
+import torch
+from test_masked_diffusion import make_module
+from torch.utils.data import DataLoader, TensorDataset
+
+from dbl.training import BitsPerCharacter, PerBlockMean
+
+
+def test_per_block_mean_groups_by_owner_and_marks_unvisited_blocks():
+    metric = PerBlockMean(3)
+    metric.update(torch.tensor([1.0, 2.0, 10.0]), torch.tensor([0, 0, 2]))
+    metric.update(torch.tensor([4.0]), torch.tensor([2]))
+    value = metric.compute()
+    assert value[0].item() == 1.5 and value[2].item() == 7.0
+    assert math.isnan(value[1].item())  # no sample reached block 1
+
+
+def test_per_block_bits_per_character_shares_add_up_to_the_whole():
+    whole, shares = BitsPerCharacter(), BitsPerCharacter(num_blocks=3)
+    nats = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.0, 4.0]])  # two sequences' nats split by block
+    whole.update(nats.sum(1), 10)
+    shares.update(nats, 10)
+    assert shares.compute().tolist() == pytest.approx([1.5 / 10 / math.log(2), 0.2 / math.log(2), 0.7 / math.log(2)])
+    assert shares.compute().sum().item() == pytest.approx(whole.compute().item())
+
+
+def test_masked_validation_logs_block_shares_that_sum_to_val_bpc(tmp_path):
+    module = make_module()
+    data = TensorDataset(torch.randint(0, 27, (24, 32), generator=torch.Generator().manual_seed(0)))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    metrics = trainer.validate(module, DataLoader(data, batch_size=8), verbose=False)[0]
+    shares = [metrics[f"val_bpc/block{b}"] for b in range(3)]
+    assert all(s > 0 for s in shares)
+    assert sum(shares) == pytest.approx(metrics["val/bpc"], rel=1e-5)
