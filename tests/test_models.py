@@ -1,10 +1,9 @@
 import pytest
 import torch
+from conftest import tiny_dit
 
 from dbl.models import BlockwiseNetwork, DiT, split_layers
 from dbl.models.dit import PRESETS
-
-from conftest import tiny_dit
 
 
 def test_dit_shapes_and_identity_at_init():

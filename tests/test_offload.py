@@ -1,7 +1,7 @@
 import torch
+from test_engine import fit
 
 from dbl.memory import profile_activations
-from test_engine import fit
 
 
 def params(m):

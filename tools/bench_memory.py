@@ -22,8 +22,7 @@ import warnings
 
 import torch
 
-from dbl.benchmark import (Variant, build, default_accelerator, mib, network_depth, run_steps, standard_variants,
-                           table)
+from dbl.benchmark import Variant, build, default_accelerator, mib, network_depth, run_steps, standard_variants, table
 from dbl.callbacks import MemoryMonitor
 from dbl.info import PROFILE_BATCH
 from dbl.memory import estimate_training_memory, profile_activations

@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-from dbl.benchmark import Variant, build, default_accelerator, network_depth, run_steps, table, StepTimer
+from dbl.benchmark import StepTimer, Variant, build, default_accelerator, network_depth, run_steps, table
 
 
 def median_step(config, variant, depth, batch_size, steps, accelerator):

@@ -12,12 +12,18 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-
 from torch.utils.data import Subset
 
 from dbl.callbacks.paths import run_dir
 from dbl.data.images import ReferenceImages, to_uint8
-from dbl.evaluation.fid import INCEPTION, FeatureExtractor, frechet_distance, inception_score, reference_statistics, statistics
+from dbl.evaluation.fid import (
+    INCEPTION,
+    FeatureExtractor,
+    frechet_distance,
+    inception_score,
+    reference_statistics,
+    statistics,
+)
 
 
 class FID(L.Callback):

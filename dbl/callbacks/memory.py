@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import torch
 import lightning as L
+import torch
 
 from dbl.memory import SavedTensorCounter, resident_state_bytes
 

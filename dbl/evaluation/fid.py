@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from dbl.data.images import ReferenceImages, is_writable, default_cache_dir
+from dbl.data.images import ReferenceImages, default_cache_dir, is_writable
 
 INCEPTION = "inception-v3-compat"
 

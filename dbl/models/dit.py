@@ -13,7 +13,6 @@ Everything outside ``layers`` is the "input/output" part that blocks share (or c
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
