@@ -39,3 +39,16 @@ def test_end_to_end_twins_have_equal_layer_updates(stem):
         a, b = dict(b3[part]["init_args"]), dict(e2e[part]["init_args"])
         a.pop("num_blocks", None), b.pop("num_blocks", None)
         assert a == b
+
+
+def test_every_run_checkpoints_on_ctrl_c_and_periodically():
+    """A crash or Ctrl-C must not lose a run: each YAML saves on exception, in a folder of its own
+    (two runs sharing one would resume from each other's checkpoint), and keeps a last.ckpt."""
+    dirpaths = {}
+    for path in EXPERIMENTS:
+        callbacks = {c["class_path"].rsplit(".", 1)[-1]: c.get("init_args", {})
+                     for c in yaml.safe_load(path.read_text())["trainer"]["callbacks"]}
+        assert "OnExceptionCheckpoint" in callbacks, path.name
+        assert callbacks.get("ModelCheckpoint", {}).get("save_last"), path.name
+        dirpaths.setdefault(callbacks["OnExceptionCheckpoint"]["dirpath"], []).append(path.stem)
+    assert all(len(stems) == 1 for stems in dirpaths.values()), dirpaths
