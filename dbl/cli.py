@@ -15,7 +15,7 @@ from argparse import ArgumentError
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
-from dbl.data.images import MissingDataError
+from dbl.errors import UsageError
 from dbl.training.engine import BlockwiseLightningModule
 
 
@@ -131,7 +131,7 @@ def main(args=None) -> None:
     except ConfigError as err:
         print(f"dbl: configuration error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    except MissingDataError as err:  # data found missing only when a run starts (e.g. a failed download)
+    except UsageError as err:  # found only once the run started (missing data, a model that cannot load, ...)
         print(f"dbl: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

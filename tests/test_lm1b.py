@@ -151,10 +151,24 @@ def test_data_module_padding_masks_padding(data_root, vocab_dir):
     assert short.any() and (tokens[short, lengths[short] - 1] == dm.tokenizer.sep_token_id).all()
 
 
-def test_missing_archive_is_a_one_line_error(tmp_path, vocab_dir):
+def test_missing_archive_is_a_one_line_error(tmp_path, vocab_dir, capsys):
+    from dbl.cli import main
+
     dm = make_data(tmp_path / "empty", vocab_dir)
     with pytest.raises(FileNotFoundError, match=f"put {ARCHIVE} into .*empty"):
         dm.prepare_data()
+    # found only when the run starts (prepare_data), and still one line from the CLI
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--model", "dbl.training.text.NextTokenLMModule", "--model.network", "dbl.models.llama.Llama",
+              "--model.network.vocab_size", "64", "--model.network.hidden_size", "32", "--model.network.depth", "2",
+              "--model.network.num_heads", "2", "--data", "dbl.data.LM1BDataModule", "--data.root", str(tmp_path),
+              "--data.archive", str(tmp_path / "nowhere.tar.gz"), "--data.tokenizer", str(vocab_dir),
+              "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)])
+    assert exit_.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    assert [line for line in stderr.splitlines() if line.startswith("dbl:")] == [
+        f"dbl: LM1B archive {tmp_path / 'nowhere.tar.gz'} does not exist; fix data.init_args.archive or leave it unset"]
 
 
 def test_predict_prompts_grouped_by_length(data_root, vocab_dir, tmp_path):
@@ -358,13 +372,17 @@ def test_cli_fit_test_predict(data_root, vocab_dir, judge_dir, tmp_path, capsys)
     assert "the market =>" in capsys.readouterr().out
 
 
-def test_cli_reports_vocab_mismatch(data_root, vocab_dir, tmp_path):
+def test_cli_reports_vocab_mismatch(data_root, vocab_dir, tmp_path, capsys):
     from dbl.cli import main
 
-    with pytest.raises(ValueError, match="vocab_size"):
+    with pytest.raises(SystemExit) as exit_:
         main(["fit", "--model", "dbl.training.text.NextTokenLMModule", "--model.network", "dbl.models.llama.Llama",
               "--model.network.vocab_size", "8", "--model.network.hidden_size", "32", "--model.network.depth", "2",
               "--model.network.num_heads", "2", "--data", "dbl.data.LM1BDataModule", "--data.root", str(data_root),
               "--data.download", "false", "--data.tokenizer", str(vocab_dir), "--data.seq_len", "16",
               "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.max_steps", "1",
               "--trainer.default_root_dir", str(tmp_path)])
+    assert exit_.value.code == 2
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if line.startswith("dbl:")]
+    assert len(err) == 1 and "set network vocab_size >=" in err[0] and "Traceback" not in stderr

@@ -16,6 +16,7 @@ from torch.utils.data import Subset
 
 from dbl.callbacks.paths import run_dir
 from dbl.data.images import ReferenceImages, to_uint8
+from dbl.errors import UsageError
 from dbl.evaluation.fid import (
     INCEPTION,
     FeatureExtractor,
@@ -157,7 +158,7 @@ class FID(L.Callback):
         """Compute FID against each reference split for each seed; returns metrics and settings."""
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "fid_reference"):
-            raise ValueError("the FID callback needs a DataModule with fid_reference(split), e.g. dbl.data.CIFAR10DataModule")
+            raise UsageError("the FID callback needs a DataModule with fid_reference(split), e.g. dbl.data.CIFAR10DataModule")
         if self._extractor is None or self._extractor.device != pl_module.device:
             self._extractor = FeatureExtractor(**self.extractor_args, device=pl_module.device)
         extractor = self._extractor

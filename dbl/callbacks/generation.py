@@ -39,6 +39,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_only
 
 from dbl.callbacks.paths import run_dir
+from dbl.errors import UsageError
 
 
 def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
@@ -68,7 +69,7 @@ def load_causal_lm(name_or_path: str, kwargs: dict | None, device: torch.device)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except OSError as err:
-        raise ValueError(
+        raise UsageError(
             f"cannot load causal LM {name_or_path!r} ({str(err).splitlines()[0]}); give a local directory "
             "(see shared/tools/offline_assets.sh) or a reachable hub id"
         ) from None
@@ -225,7 +226,7 @@ class GenerationMetrics(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module, stage: str) -> dict[str, float]:
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "generation_examples"):
-            raise ValueError("GenerationMetrics needs a data module with generation_examples (dbl.data.LM1BDataModule)")
+            raise UsageError("GenerationMetrics needs a data module with generation_examples (dbl.data.LM1BDataModule)")
         prompts, references = dm.generation_examples(self.num_prompts, self.prompt_length, self.continuation_length)
         prompt_texts = [dm.decode(p) for p in prompts.tolist()]
         reference_texts = continuation_texts(dm, prompts.tolist(), references.tolist())

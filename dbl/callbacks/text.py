@@ -13,12 +13,13 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_only
 
 from dbl.callbacks.paths import run_dir
+from dbl.errors import UsageError
 
 
 def _decoder(trainer: L.Trainer):
     decode = getattr(trainer.datamodule, "decode", None)
     if decode is None:
-        raise TypeError(f"{type(trainer.datamodule).__name__} has no `decode`; text callbacks need one to print samples")
+        raise UsageError(f"{type(trainer.datamodule).__name__} has no `decode`; text callbacks need one to print samples")
     return decode
 
 

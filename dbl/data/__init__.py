@@ -4,10 +4,10 @@ from dbl.data.cifar10 import CIFAR10DataModule
 from dbl.data.digits import DigitsDataModule
 from dbl.data.fashion_mnist import FashionMNISTDataModule
 from dbl.data.imagenet import ImageNetDataModule
-from dbl.data.images import MissingDataError
 from dbl.data.latents import LatentShardDataset
 from dbl.data.lm1b import LM1BDataModule
 from dbl.data.text8 import Text8DataModule
+from dbl.errors import MissingDataError
 
 __all__ = [
     "CIFAR10DataModule", "DigitsDataModule", "FashionMNISTDataModule", "ImageNetDataModule", "LM1BDataModule",

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 from torchvision.datasets import CIFAR10
 
-from dbl.data.images import InMemoryImageDataModule, MissingDataError, default_cache_dir, is_writable
+from dbl.data.images import InMemoryImageDataModule, default_cache_dir, is_writable
+from dbl.errors import MissingDataError
 
 BATCH_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch", "batches.meta")
 

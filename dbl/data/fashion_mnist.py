@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-from dbl.data.images import InMemoryImageDataModule, MissingDataError, default_cache_dir, is_writable
+from dbl.data.images import InMemoryImageDataModule, default_cache_dir, is_writable
+from dbl.errors import MissingDataError
 
 RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 

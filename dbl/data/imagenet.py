@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from dbl.data.images import MissingDataError, ReferenceImages, default_cache_dir, is_writable
+from dbl.data.images import ReferenceImages, default_cache_dir, is_writable
 from dbl.data.latents import LatentShardDataset, load_vae, read_meta
+from dbl.errors import MissingDataError, UsageError
 
 
 def center_crop_arr(image: Image.Image, image_size: int) -> Image.Image:
@@ -146,7 +147,7 @@ class ImageNetDataModule(L.LightningDataModule):
 
     def _split_folder(self, split: str) -> str:
         if split not in ("train", "val", "test"):
-            raise ValueError(f"ImageNet splits are 'train' and 'val' ('test' means val), not {split!r}")
+            raise UsageError(f"ImageNet splits are 'train' and 'val' ('test' means val), not {split!r}")
         return "train" if split == "train" else "val"
 
     def _dataset(self, split: str, train: bool) -> Dataset:
@@ -184,7 +185,7 @@ class ImageNetDataModule(L.LightningDataModule):
         """Center-cropped pixel images of ``train`` or ``val`` (``test`` is an alias of ``val``)."""
         folder = self._split_folder(split)
         if self.root is None:
-            raise ValueError("FID needs the pixel images: set root to the ImageFolder tree with train/ and val/")
+            raise UsageError("FID needs the pixel images: set root to the ImageFolder tree with train/ and val/")
         images = CenterCroppedImageFolder(self.root / folder, self.hparams.image_size)
         description = dict(dataset="imagefolder", root=str(self.root.resolve()), split=folder, n=len(images),
                            image_size=self.hparams.image_size)

@@ -15,11 +15,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-
-class MissingDataError(FileNotFoundError, ValueError):
-    """A dataset is not where the configuration says; the message says where to put it.
-
-    A ``ValueError`` too, so that the CLI reports it as a one-line configuration error."""
+from dbl.errors import UsageError
 
 
 def default_cache_dir(name: str) -> Path:
@@ -144,7 +140,7 @@ class InMemoryImageDataModule(L.LightningDataModule):
     def fid_reference(self, split: str) -> ReferenceImages:
         """The ``train`` or ``test`` split as the model sees it (unflipped), uint8."""
         if split not in ("train", "test"):
-            raise ValueError(f"{self.reference_name} has splits 'train' and 'test', not {split!r}")
+            raise UsageError(f"{self.reference_name} has splits 'train' and 'test', not {split!r}")
         self.prepare_data()
         self._load(split)
         return ReferenceImages(UInt8Images(self._images[split]), self.reference_description(split), self.cache_dir)

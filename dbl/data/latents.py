@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dbl.data.images import MissingDataError
+from dbl.errors import MissingDataError, UsageError
 
 FORMAT = "dbl-latents-v1"
 
@@ -35,7 +35,7 @@ def read_meta(folder: str | Path) -> dict:
         raise MissingDataError(f"no latent shards in {folder}: meta.json is missing; write them with tools/encode_latents.py")
     meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+        raise UsageError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
     return meta
 
 

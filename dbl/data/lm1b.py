@@ -31,6 +31,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from dbl.errors import MissingDataError, UsageError
+
 ARCHIVE = "1-billion-word-language-modeling-benchmark-r13output.tar.gz"
 ARCHIVE_URL = f"http://www.statmt.org/lm-benchmark/{ARCHIVE}"
 TOP_DIR = "1-billion-word-language-modeling-benchmark-r13output"
@@ -53,7 +55,7 @@ def load_tokenizer(name_or_path: str):
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except OSError as err:
-        raise ValueError(
+        raise UsageError(
             f"cannot load tokenizer {name_or_path!r} ({str(err).splitlines()[0]}); give a local directory "
             "(e.g. one with a BERT vocab.txt from shared/tools/offline_assets.sh) or a reachable hub id"
         ) from None
@@ -85,20 +87,20 @@ def ensure_archive(root: Path, download: bool, archive: Path | None = None) -> P
     archive = archive or root / ARCHIVE
     if not archive.exists():
         if archive != root / ARCHIVE:
-            raise FileNotFoundError(f"LM1B archive {archive} does not exist; fix data.init_args.archive or leave it unset")
+            raise MissingDataError(f"LM1B archive {archive} does not exist; fix data.init_args.archive or leave it unset")
         if not download:
-            raise FileNotFoundError(f"LM1B archive not found: put {ARCHIVE} into {root} (or set download: true when online)")
+            raise MissingDataError(f"LM1B archive not found: put {ARCHIVE} into {root} (or set download: true when online)")
         root.mkdir(parents=True, exist_ok=True)
         try:
             urllib.request.urlretrieve(ARCHIVE_URL, archive.with_suffix(".part"))
         except OSError as err:
-            raise FileNotFoundError(f"LM1B download from {ARCHIVE_URL} failed ({err}); put {ARCHIVE} into {root} by hand") from None
+            raise MissingDataError(f"LM1B download from {ARCHIVE_URL} failed ({err}); put {ARCHIVE} into {root} by hand") from None
         archive.with_suffix(".part").rename(archive)
     with tarfile.open(archive) as tar:
         wanted = [m for m in tar.getmembers() if m.isfile() and any(
             fnmatch(m.name, f"{TOP_DIR}/{pattern}") for pattern in (TRAIN_GLOB, HELDOUT_GLOB))]
         if not wanted:
-            raise ValueError(f"{archive} does not have the LM1B layout: no {TOP_DIR}/{TRAIN_GLOB} files")
+            raise UsageError(f"{archive} does not have the LM1B layout: no {TOP_DIR}/{TRAIN_GLOB} files")
         tar.extractall(root, members=wanted, filter="data")
     (top / ".extracted").touch()
     return top
@@ -235,7 +237,7 @@ class LM1BDataModule(L.LightningDataModule):
                 rows = pack(batch["input_ids"], hp.seq_len)
                 return {"input_ids": rows, "loss_mask": [[1.0] * hp.seq_len for _ in rows]}
             if pad_id is None:
-                raise ValueError(f"tokenizer {hp.tokenizer!r} has no pad token; use packing: true")
+                raise UsageError(f"tokenizer {hp.tokenizer!r} has no pad token; use packing: true")
             rows, masks = pad(batch["input_ids"], hp.seq_len, pad_id)
             return {"input_ids": rows, "loss_mask": masks}
 
@@ -270,7 +272,7 @@ class LM1BDataModule(L.LightningDataModule):
     # -- loaders ---------------------------------------------------------------------------
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if len(self.splits[split]) == 0:
-            raise ValueError(f"the {split} split has no rows of seq_len={self.hparams.seq_len} tokens; lower seq_len")
+            raise UsageError(f"the {split} split has no rows of seq_len={self.hparams.seq_len} tokens; lower seq_len")
         size = self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size or self.hparams.batch_size
         return DataLoader(self.splits[split], batch_size=size, shuffle=shuffle, drop_last=shuffle, collate_fn=collate,
                           num_workers=self.hparams.num_workers)
@@ -303,7 +305,7 @@ class LM1BDataModule(L.LightningDataModule):
                 if len(examples) == num_prompts:
                     break
         if len(examples) < num_prompts:
-            raise ValueError(f"the held-out split gives only {len(examples)} examples of {need} tokens; lower num_prompts or the lengths")
+            raise UsageError(f"the held-out split gives only {len(examples)} examples of {need} tokens; lower num_prompts or the lengths")
         rows = torch.tensor(examples)
         return rows[:, :prompt_length], rows[:, prompt_length:]
 
@@ -318,16 +320,16 @@ class LM1BDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """Prompts from ``predict_file``; each batch is ``(prompts [n, p], line indices [n])`` of one length."""
         if not self.hparams.predict_file:
-            raise ValueError("dbl predict needs data.init_args.predict_file: a text file with one prompt per line")
+            raise UsageError("dbl predict needs data.init_args.predict_file: a text file with one prompt per line")
         path = Path(self.hparams.predict_file)
         if not path.exists():
-            raise FileNotFoundError(f"predict_file {path} does not exist; write one prompt per line into it")
+            raise MissingDataError(f"predict_file {path} does not exist; write one prompt per line into it")
         self.predict_lines = [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
         if not self.predict_lines:
-            raise ValueError(f"predict_file {path} has no prompts; write one prompt per line")
+            raise UsageError(f"predict_file {path} has no prompts; write one prompt per line")
         encoded = [self.encode_prompt(line) for line in self.predict_lines]
         if any(len(e) == 0 for e in encoded):
-            raise ValueError(f"a prompt in {path} encodes to no tokens and the tokenizer has no BOS; give non-empty prompts")
+            raise UsageError(f"a prompt in {path} encodes to no tokens and the tokenizer has no BOS; give non-empty prompts")
         by_length: dict[int, list[int]] = {}
         for i, e in enumerate(encoded):
             by_length.setdefault(len(e), []).append(i)

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dbl.errors import MissingDataError, UsageError
+
 TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
 ALPHABET = "abcdefghijklmnopqrstuvwxyz "
 _LOOKUP = np.full(256, 255, dtype=np.uint8)
@@ -33,7 +35,7 @@ def encode(text: str | bytes) -> np.ndarray:
     ids = _LOOKUP[raw]
     if (ids == 255).any():
         bad = sorted(set(bytes(raw[ids == 255][:20]).decode(errors="replace")))
-        raise ValueError(f"text holds characters outside text8's alphabet [a-z ]: {bad}")
+        raise UsageError(f"text holds characters outside text8's alphabet [a-z ]: {bad}")
     return ids
 
 
@@ -59,13 +61,13 @@ def download_text8(root: str | Path) -> None:
         urllib.request.urlretrieve(TEXT8_URL, tmp)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise FileNotFoundError(f"downloading {TEXT8_URL} failed ({err}); put text8.zip at {path}") from None
+        raise MissingDataError(f"downloading {TEXT8_URL} failed ({err}); put text8.zip at {path}") from None
     tmp.rename(path)
 
 
 def _text8_member(zf: zipfile.ZipFile, path: Path) -> zipfile.ZipInfo:
     if "text8" not in zf.namelist():
-        raise ValueError(f"{path} has no member named 'text8' (members: {zf.namelist()[:5]}); is it text8.zip?")
+        raise UsageError(f"{path} has no member named 'text8' (members: {zf.namelist()[:5]}); is it text8.zip?")
     return zf.getinfo("text8")
 
 

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dbl.data.images import ReferenceImages, default_cache_dir, is_writable
+from dbl.errors import MissingDataError, UsageError
 
 INCEPTION = "inception-v3-compat"
 
@@ -43,16 +44,16 @@ class FeatureExtractor:
         self.layers = [layer] + (["logits_unbiased"] if inception_score else [])
         kwargs = {} if weights_path is None else {"feature_extractor_weights_path": str(weights_path)}
         if weights_path is not None and not Path(weights_path).is_file():
-            raise FileNotFoundError(f"feature_extractor_weights_path {weights_path} is not a file")
+            raise MissingDataError(f"feature_extractor_weights_path {weights_path} is not a file")
         try:
             self.net = create_feature_extractor(name, self.layers, cuda=False, verbose=False, **kwargs).to(device)
         except OSError as err:  # a download attempt without internet
-            raise RuntimeError(
+            raise UsageError(
                 f"cannot load the {name} weights ({err}); on a machine without internet run "
                 f"shared/tools/offline_assets.sh or set feature_extractor_weights_path"
             ) from err
         if inception_score and hasattr(self.net, "fc") and not self.net.fc.weight.any():
-            raise ValueError("these Inception weights have no logits layer (fc is zero), so no Inception Score; "
+            raise UsageError("these Inception weights have no logits layer (fc is zero), so no Inception Score; "
                              "use torch-fidelity's original weights or turn inception_score off")
         self.device = torch.device(device)
         weights = Path(weights_path) if weights_path else None

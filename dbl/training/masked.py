@@ -25,6 +25,7 @@ from dbl.diffusion.masked import (
     sample_times,
     uniform_in,
 )
+from dbl.errors import UsageError
 from dbl.training.engine import BlockLoss, BlockwiseLightningModule
 from dbl.training.metrics import BitsPerCharacter
 
@@ -88,7 +89,7 @@ class MaskedDiffusionModule(BlockwiseLightningModule):
     def setup(self, stage: str) -> None:
         data_vocab = getattr(self.trainer.datamodule, "vocab_size", None)
         if data_vocab is not None and data_vocab != self.network.net.vocab_size:
-            raise ValueError(f"the data has {data_vocab} symbols but the network's vocab_size is {self.network.net.vocab_size}")
+            raise UsageError(f"the data has {data_vocab} symbols but the network's vocab_size is {self.network.net.vocab_size}")
 
     # -- the denoiser ----------------------------------------------------------------------
     def logits(self, z: torch.Tensor, t: torch.Tensor, block: int | None = None) -> torch.Tensor:

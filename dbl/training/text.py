@@ -22,6 +22,7 @@ from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 
 from dbl.diffusion.preconditioning import edm_scalings
+from dbl.errors import UsageError
 from dbl.models.generate import generate_ar_diffusion, generate_next_token
 from dbl.models.llama import ARInput
 from dbl.training.edm import EDMDiffusionModule
@@ -58,7 +59,7 @@ class _TextTask:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         vocab = getattr(dm, "vocab_size", None)
         if vocab is not None and vocab > self.network.net.vocab_size:
-            raise ValueError(f"the tokenizer has {vocab} tokens but the network's vocab_size is "
+            raise UsageError(f"the tokenizer has {vocab} tokens but the network's vocab_size is "
                              f"{self.network.net.vocab_size}; set network vocab_size >= {vocab}")
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:

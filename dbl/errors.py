@@ -1,0 +1,14 @@
+"""Errors the user fixes, not bugs: the CLI prints them as one line (exit status 2), no traceback.
+
+Constructors' ``ValueError``s are already reported that way (``dbl.cli``); these classes are for
+what is found only once a run starts: data that is missing or does not fit the settings, a
+tokenizer or judge model that cannot be loaded, a callback paired with the wrong data module.
+"""
+
+
+class UsageError(ValueError):
+    """Bad input found when a run starts; the message says what is wrong and how to fix it."""
+
+
+class MissingDataError(UsageError, FileNotFoundError):
+    """A dataset or file is not where the configuration says; the message says where to put it."""
