@@ -61,3 +61,27 @@ def test_gray_images_are_repeated_to_rgb():
 def test_missing_weights_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="feature_extractor_weights_path"):
         FeatureExtractor(weights_path=str(tmp_path / "nope.pth"))
+
+
+def test_fid_callback_checks_its_inputs_before_the_run_not_after(tmp_path):
+    from types import SimpleNamespace
+
+    from dbl.callbacks import FID
+    from dbl.data import DigitsDataModule
+    from dbl.errors import MissingDataError, UsageError
+
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(fid_reference=None), is_global_zero=True,
+                              strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    missing = str(tmp_path / "nope.pth")
+    FID(feature_extractor_weights_path=missing).setup(trainer, None, "fit")  # FID runs only at test: no check
+    with pytest.raises(MissingDataError, match="feature_extractor_weights_path"):
+        FID(feature_extractor_weights_path=missing, every_n_epochs=1).setup(trainer, None, "fit")
+    with pytest.raises(MissingDataError, match="feature_extractor_weights_path"):
+        FID(feature_extractor_weights_path=missing).setup(trainer, None, "test")
+    trainer.datamodule = DigitsDataModule()  # no fid_reference
+    with pytest.raises(UsageError, match="needs a DataModule with fid_reference"):
+        FID(feature_extractor=TINY, feature_layer="8").setup(trainer, None, "test")
+    tiny = FID(feature_extractor=TINY, feature_layer="8", every_n_epochs=1)
+    trainer.datamodule = SimpleNamespace(fid_reference=None)
+    tiny.setup(trainer, None, "fit")
+    assert tiny._extractor is not None  # loaded once, reused by every evaluation

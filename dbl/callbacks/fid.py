@@ -40,7 +40,9 @@ class FID(L.Callback):
     models, ``decode_samples(latents)`` (pixels in [-1, 1]) so that FID sees images. Labels are
     balanced over the model's classes (shuffled by the seed); unconditional models get none.
     Reference statistics are cached next to the data, keyed by a hash of the images and the
-    feature extractor, so they are computed once. Runs on global rank 0 only.
+    feature extractor, so they are computed once. Runs on global rank 0 only. When a run will use
+    it (``dbl test``, or ``fit`` with ``every_n_epochs > 0``), the data module and the extractor's
+    weights are checked at setup, before anything is trained or sampled.
 
     Args:
         num_samples: generated images per seed (paper: 50,000).
@@ -105,6 +107,16 @@ class FID(L.Callback):
         self._last_evaluated_epoch = -1
 
     # -- hooks -----------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        """Check the data module and load the feature extractor now, when this run will use them:
+        a wrong data module, a missing weights file or no internet is reported before the model
+        is trained or sampled, not after."""
+        if not (stage == "test" or (stage == "fit" and self.every_n_epochs > 0)):
+            return
+        self._check_datamodule(trainer)
+        if trainer.is_global_zero:
+            self._feature_extractor(trainer.strategy.root_device)
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         epoch = trainer.current_epoch
         if (trainer.sanity_checking or self.every_n_epochs <= 0 or (epoch + 1) % self.every_n_epochs
@@ -123,6 +135,18 @@ class FID(L.Callback):
             pl_module.log(name, value, rank_zero_only=True)
 
     # -- the evaluation --------------------------------------------------------------------
+    @staticmethod
+    def _check_datamodule(trainer: L.Trainer):
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "fid_reference"):
+            raise UsageError("the FID callback needs a DataModule with fid_reference(split), e.g. dbl.data.CIFAR10DataModule")
+        return datamodule
+
+    def _feature_extractor(self, device: torch.device) -> FeatureExtractor:
+        if self._extractor is None or self._extractor.device != torch.device(device):
+            self._extractor = FeatureExtractor(**self.extractor_args, device=device)
+        return self._extractor
+
     def _reference(self, datamodule, split: str) -> ReferenceImages:
         reference = datamodule.fid_reference(split)
         if self.reference_size is None or self.reference_size >= len(reference.dataset):
@@ -156,12 +180,8 @@ class FID(L.Callback):
     @rank_zero_only
     def evaluate(self, trainer: L.Trainer, pl_module, stage: str = "test") -> dict:
         """Compute FID against each reference split for each seed; returns metrics and settings."""
-        datamodule = trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "fid_reference"):
-            raise UsageError("the FID callback needs a DataModule with fid_reference(split), e.g. dbl.data.CIFAR10DataModule")
-        if self._extractor is None or self._extractor.device != pl_module.device:
-            self._extractor = FeatureExtractor(**self.extractor_args, device=pl_module.device)
-        extractor = self._extractor
+        datamodule = self._check_datamodule(trainer)
+        extractor = self._feature_extractor(pl_module.device)
         started = time.perf_counter()
         reference_sets = {split: self._reference(datamodule, split) for split in self.reference_splits}
         references = {split: reference_statistics(ref, extractor, self.batch_size, self.stats_cache_dir)
