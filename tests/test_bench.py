@@ -1,5 +1,6 @@
 """The benchmark scripts run and their numbers hang together (no timing assertions)."""
 
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -61,3 +62,27 @@ def test_bench_speed(tiny_config, capsys, monkeypatch):
     rows = rows_of(out)
     assert set(rows) == {"end-to-end", "block-wise B=3", "block-wise B=3 + offload, new block every step"}
     assert rows["block-wise B=3"][-1].endswith("%")
+
+
+def test_read_scalars_compares_runs_at_layer_updates(tiny_module, image_batch, tmp_path, capsys, monkeypatch):
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = DataLoader(TensorDataset(*image_batch), batch_size=8)
+    runs = []
+    for name, blocks, steps in (("blockwise", 3, 6), ("e2e", 1, 2)):  # 2 updates per layer in both
+        logger = TensorBoardLogger(tmp_path, name=name)
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=logger, log_every_n_steps=1, limit_val_batches=1,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(tiny_module(num_blocks=blocks, block_schedule="phased", phase_steps=2), data, data)
+        runs.append(logger.log_dir)
+    out = run_tool("read_scalars.py", runs, capsys, monkeypatch)
+    rows = {m.group(1): m.group(2).split() for m in re.finditer(r"^(\S.*?)\s{2,}(\S.*)$", out, re.M)}
+    assert rows["updates per layer"] == ["2", "2"]
+    assert len(rows["val/loss"]) == 2 and rows["val_loss/block0"][1] != "-"
+    assert rows["val_loss/block2"][0] != "-" and "train/loss" not in rows  # evaluation tags only
+    single = run_tool("read_scalars.py", [runs[0], "--tags", "updates/block1"], capsys, monkeypatch)
+    assert single.splitlines()[1].split()[:3] == ["updates/block1", "3", "2.0000"]  # step index 3: block 1's 2nd step
+    with pytest.raises(SystemExit, match="no TensorBoard scalars under"):
+        run_tool("read_scalars.py", [str(tmp_path / "nothing")], capsys, monkeypatch)

@@ -36,3 +36,26 @@ def test_masked_validation_logs_block_shares_that_sum_to_val_bpc(tmp_path):
     shares = [metrics[f"val_bpc/block{b}"] for b in range(3)]
     assert all(s > 0 for s in shares)
     assert sum(shares) == pytest.approx(metrics["val/bpc"], rel=1e-5)
+
+
+@pytest.mark.parametrize("num_blocks", [1, 3])
+@pytest.mark.parametrize("task", ["image", "ar_text", "masked"])
+def test_validation_logs_every_block_also_end_to_end(task, num_blocks, tiny_module, tmp_path):
+    from test_lm1b import tiny_llama
+
+    from dbl.training import ARDiffusionLMModule
+
+    gen = torch.Generator().manual_seed(0)
+    if task == "image":
+        module = tiny_module(num_blocks=num_blocks)
+        data, name = TensorDataset(torch.rand(64, 1, 8, 8, generator=gen) * 2 - 1, torch.randint(0, 10, (64,), generator=gen)), "val_loss"
+    elif task == "ar_text":
+        module = ARDiffusionLMModule(tiny_llama(depth=3), num_blocks=num_blocks)
+        data, name = TensorDataset(torch.randint(0, 20, (64, 8), generator=gen), torch.ones(64, 8)), "val_ce"
+    else:
+        module = make_module(num_blocks=num_blocks, net=None)
+        data, name = TensorDataset(torch.randint(0, 27, (64, 32), generator=gen)), "val_bpc"
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    metrics = trainer.validate(module, DataLoader(data, batch_size=32), verbose=False)[0]
+    assert {k for k in metrics if k.startswith(name + "/")} == {f"{name}/block{b}" for b in range(num_blocks)}

@@ -149,7 +149,8 @@ class BlockwiseLightningModule(L.LightningModule):
 
         Every process computes (and so syncs) it; a block no sample reached (NaN) is not logged.
         """
-        for block, value in enumerate(metric.compute().tolist()):
+        # flatten: torchmetrics returns a one-block (end-to-end) vector as a 0-dim tensor
+        for block, value in enumerate(metric.compute().flatten().tolist()):
             if math.isfinite(value):
                 # already synced by compute(); sync_dist only tells Lightning so
                 self.log(f"{name}/block{block}", value, sync_dist=True)
