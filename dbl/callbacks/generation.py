@@ -157,6 +157,7 @@ def mauve_score(p_features: np.ndarray, q_features: np.ndarray, scaling_factor: 
 class GenerationMetrics(L.Callback):
     """At the end of ``dbl test`` (and, with ``every_n_validations``, during training), generate
     continuations of held-out prompts and score them (see the module docstring for the protocol).
+    Runs on global rank 0 only.
 
     Args:
         judge: causal LM for generative perplexity (hub id or local directory).
@@ -223,6 +224,7 @@ class GenerationMetrics(L.Callback):
             seconds += time.perf_counter() - t0
         return torch.cat(outs), seconds
 
+    @rank_zero_only  # the evaluation is seeded, so other ranks would only repeat it
     def evaluate(self, trainer: L.Trainer, pl_module, stage: str) -> dict[str, float]:
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "generation_examples"):
@@ -265,12 +267,11 @@ class GenerationMetrics(L.Callback):
         metrics.update({k: float(np.mean([s[k] for s in per_seed])) for k in per_seed[0]})
         self.last_metrics = metrics
         for key, value in metrics.items():
-            pl_module.log(f"{stage}/{key}", value, batch_size=1)
+            pl_module.log(f"{stage}/{key}", value, batch_size=1, rank_zero_only=True)
         # named by the model's own training steps (trainer.global_step is 0 in `dbl test`)
         self._write(trainer, f"{stage}_step{int(pl_module.block_updates.sum()):07d}", metrics, records)
         return metrics
 
-    @rank_zero_only
     def _write(self, trainer: L.Trainer, step: str, metrics: dict, records: list[dict]) -> None:
         root = run_dir(trainer)
         root.mkdir(parents=True, exist_ok=True)

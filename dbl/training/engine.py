@@ -116,7 +116,7 @@ class BlockwiseLightningModule(L.LightningModule):
             # seed_everything gives every process the same seed, so each would draw the same sigmas,
             # noise and label dropout for its own data: offset the seed by rank (as DiT does). The
             # block schedule does not use this generator, so every rank still trains the same block.
-            torch.manual_seed(torch.initial_seed() + self.global_rank)
+            torch.manual_seed((torch.initial_seed() + self.global_rank) % 2**63)
         # Below: after Lightning restored any checkpoint (and moved all optimizer state to the device).
         if self.offload_inactive:
             optimizers = self.optimizers()
