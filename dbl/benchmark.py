@@ -56,8 +56,16 @@ def build(config: str, variant: Variant, depth: int):
     return cli.model, cli.datamodule
 
 
+def example_batch(module, datamodule, batch_size: int):
+    """Random data of the experiment's shape: the task's ``example_batch``, at the data's sequence
+    length for text (``data.init_args.seq_len``)."""
+    seq_len = getattr(datamodule, "hparams", {}).get("seq_len") if datamodule is not None else None
+    return module.example_batch(batch_size, seq_len=seq_len) if seq_len else module.example_batch(batch_size)
+
+
 def network_depth(config: str) -> int:
-    return len(load_experiment(config).model.network.net.layers)
+    # built end to end: any depth divides into one block
+    return len(load_experiment(config, ["--model.init_args.num_blocks", "1"]).model.network.net.layers)
 
 
 class RepeatBatch(Dataset):

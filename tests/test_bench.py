@@ -64,6 +64,35 @@ def test_bench_speed(tiny_config, capsys, monkeypatch):
     assert rows["block-wise B=3"][-1].endswith("%")
 
 
+TEXT = """
+model:
+  class_path: dbl.training.text.{module}
+  init_args:
+    network:
+      class_path: dbl.models.llama.Llama
+      init_args: {{vocab_size: 64, hidden_size: 32, depth: 4, num_heads: 2}}
+data:
+  class_path: dbl.data.LM1BDataModule
+  init_args: {{root: {root}, tokenizer: unused-here, seq_len: 12}}
+trainer:
+  accelerator: cpu
+"""
+
+
+def test_bench_memory_on_text_models(tmp_path, capsys, monkeypatch):
+    """AR diffusion (the [noisy ; clean] 2T sequence) block-wise vs its next-token baseline (T)."""
+    for module in ("ARDiffusionLMModule", "NextTokenLMModule"):
+        (tmp_path / f"{module}.yaml").write_text(TEXT.format(module=module, root=tmp_path))
+    ar = rows_of(run_tool("bench_memory.py", ["--config", str(tmp_path / "ARDiffusionLMModule.yaml"), "--blocks", "2",
+                                              "--batch-size", "4"], capsys, monkeypatch).split("`dbl info` estimate")[0])
+    assert float(ar["block-wise B=2"][-2]) > 1.5  # activations e2e / block-wise
+    nt = rows_of(run_tool("bench_memory.py", ["--config", str(tmp_path / "NextTokenLMModule.yaml"), "--blocks",
+                                              "--batch-size", "4"], capsys, monkeypatch).split("`dbl info` estimate")[0])
+    assert set(nt) == {"end-to-end", "end-to-end + act. ckpt"}
+    # the AR diffusion model runs twice the sequence, so its end-to-end activations are larger
+    assert float(ar["end-to-end"][4].replace(",", "")) > float(nt["end-to-end"][4].replace(",", ""))
+
+
 def test_read_scalars_compares_runs_at_layer_updates(tiny_module, image_batch, tmp_path, capsys, monkeypatch):
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger

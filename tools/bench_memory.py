@@ -1,6 +1,7 @@
 """Training memory of one step, end-to-end vs block-wise, for an experiment's model and batch.
 
     python tools/bench_memory.py --config experiments/quickstart.yaml --blocks 2 3 4 6 [--batch-size 64]
+    python tools/bench_memory.py --config experiments/lm1b_ar_e2e.yaml --blocks   # end-to-end rows only
 
 For each variant (end-to-end, block-wise B, each with activation checkpointing, block-wise with
 offloading) it trains a few steps on random data of the right shape and measures, per step, with
@@ -22,15 +23,25 @@ import warnings
 
 import torch
 
-from dbl.benchmark import Variant, build, default_accelerator, mib, network_depth, run_steps, standard_variants, table
+from dbl.benchmark import (
+    Variant,
+    build,
+    default_accelerator,
+    example_batch,
+    mib,
+    network_depth,
+    run_steps,
+    standard_variants,
+    table,
+)
 from dbl.callbacks import MemoryMonitor
 from dbl.info import PROFILE_BATCH
 from dbl.memory import estimate_training_memory, profile_activations
 
 
 def measure(config: str, variant: Variant, depth: int, batch_size: int, accelerator: str) -> dict:
-    module, _ = build(config, variant, depth)
-    batch = module.example_batch(batch_size)
+    module, datamodule = build(config, variant, depth)
+    batch = example_batch(module, datamodule, batch_size)
     b = variant.num_blocks
     monitor = MemoryMonitor(every_n_steps=1, log=False)
     run_steps(module, batch, 2 * b + 1, [monitor], accelerator)
@@ -48,7 +59,8 @@ def measure(config: str, variant: Variant, depth: int, batch_size: int, accelera
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--blocks", type=int, nargs="+", default=[3])
+    parser.add_argument("--blocks", type=int, nargs="*", default=[3],
+                        help="block counts to compare with end-to-end; none: end-to-end only (e.g. a next-token baseline)")
     parser.add_argument("--batch-size", type=int, default=8, help="batch of the measured steps (default 8)")
     parser.add_argument("--no-offload", action="store_true", help="skip the offloaded variants")
     args = parser.parse_args()

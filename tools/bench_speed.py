@@ -18,18 +18,21 @@ import warnings
 
 import torch
 
-from dbl.benchmark import StepTimer, Variant, build, default_accelerator, network_depth, run_steps, table
+from dbl.benchmark import StepTimer, Variant, build, default_accelerator, example_batch, network_depth, run_steps, table
 
 
 def median_step(config, variant, depth, batch_size, steps, accelerator):
-    module, _ = build(config, variant, depth)
+    module, datamodule = build(config, variant, depth)
     timer = StepTimer()
     warmup = 2 * variant.num_blocks
-    run_steps(module, module.example_batch(batch_size), warmup + steps, [timer], accelerator)
+    run_steps(module, example_batch(module, datamodule, batch_size), warmup + steps, [timer], accelerator)
     return statistics.median(timer.times[warmup:]), module
 
 
 def sampling_time(module, num_samples, num_steps, repeats=3):
+    """Median seconds of ``module.sample``; None for a task without one (autoregressive text)."""
+    if not hasattr(module, "sample"):
+        return None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module.to(device)
     times = []
@@ -44,13 +47,21 @@ def sampling_time(module, num_samples, num_steps, repeats=3):
     return statistics.median(times)
 
 
+def seconds(t: float | None) -> str:
+    return "-" if t is None else f"{t:.3f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or b is None else f"{a / b:.2f}"
+
+
 def offload_share(config, num_blocks, depth, batch_size, phase_steps, accelerator):
     """Fraction of a phased run's time spent moving blocks, with one full cycle of phases."""
     variant = Variant("offload", num_blocks, offload=True,
                       overrides=["--model.init_args.phase_steps", str(phase_steps)])
-    module, _ = build(config, variant, depth)
+    module, datamodule = build(config, variant, depth)
     timer = StepTimer()
-    run_steps(module, module.example_batch(batch_size), num_blocks * phase_steps, [timer], accelerator)
+    run_steps(module, example_batch(module, datamodule, batch_size), num_blocks * phase_steps, [timer], accelerator)
     return module.offloader.seconds / sum(timer.times)
 
 
@@ -71,13 +82,13 @@ def main() -> None:
     e2e_step, e2e_module = median_step(args.config, Variant("end-to-end", 1), depth, args.batch_size, args.steps, accelerator)
     e2e_sample = sampling_time(e2e_module, args.num_samples, args.sample_steps)
     rows = [["variant", "step (ms)", "B steps / e2e step", "sampling (s)", "sampling e2e/x", "offload share of phase"]]
-    rows.append(["end-to-end", f"{e2e_step * 1e3:.1f}", "1.00", f"{e2e_sample:.3f}", "1.00", "-"])
+    rows.append(["end-to-end", f"{e2e_step * 1e3:.1f}", "1.00", seconds(e2e_sample), ratio(e2e_sample, e2e_sample), "-"])
     for b in args.blocks:
         step, module = median_step(args.config, Variant(f"B={b}", b), depth, args.batch_size, args.steps, accelerator)
         sample = sampling_time(module, args.num_samples, args.sample_steps)
         share = offload_share(args.config, b, depth, args.batch_size, args.phase_steps, accelerator)
-        rows.append([f"block-wise B={b}", f"{step * 1e3:.1f}", f"{b * step / e2e_step:.2f}", f"{sample:.3f}",
-                     f"{e2e_sample / sample:.2f}", f"{share:.2%}"])
+        rows.append([f"block-wise B={b}", f"{step * 1e3:.1f}", f"{b * step / e2e_step:.2f}", seconds(sample),
+                     ratio(e2e_sample, sample), f"{share:.2%}"])
         # offloading when the block changes at every step: the worst case of the random schedule
         moving, _ = median_step(args.config, Variant(f"B={b} offload", b, offload=True), depth, args.batch_size,
                                 args.steps, accelerator)

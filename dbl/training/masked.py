@@ -112,6 +112,11 @@ class MaskedDiffusionModule(BlockwiseLightningModule):
             out[idx] = part
         return out
 
+    def example_batch(self, batch_size: int, seq_len: int | None = None, device: torch.device | str = "cpu"):
+        """Random ``(ids [N, seq_len],)``, default the network's length (for benchmarks)."""
+        length = seq_len or self.network.net.seq_len
+        return (torch.randint(0, self.network.net.vocab_size, (batch_size, length), device=device),)
+
     @staticmethod
     def _ids(batch) -> torch.Tensor:
         return batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -62,6 +62,11 @@ class _TextTask:
             raise UsageError(f"the tokenizer has {vocab} tokens but the network's vocab_size is "
                              f"{self.network.net.vocab_size}; set network vocab_size >= {vocab}")
 
+    def example_batch(self, batch_size: int, seq_len: int = 256, device: torch.device | str = "cpu"):
+        """Random ``(tokens [N, seq_len], loss_mask)`` (for benchmarks that measure memory and speed)."""
+        tokens = torch.randint(0, self.network.net.vocab_size, (batch_size, seq_len), device=device)
+        return tokens, torch.ones(batch_size, seq_len, device=device)
+
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         """``batch``: prompts [N, p] of equal length (or a tuple whose first item is that)."""
         prompt = batch[0] if isinstance(batch, (tuple, list)) else batch
