@@ -13,6 +13,8 @@ import warnings
 from argparse import ArgumentError
 
 import lightning as L
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from dbl.errors import UsageError
@@ -130,6 +132,12 @@ def main(args=None) -> None:
         raise SystemExit(2) from None
     except ConfigError as err:
         print(f"dbl: configuration error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except MisconfigurationException as err:  # Lightning's own checks of the trainer options
+        hint = ""
+        if "gpu" in str(err).lower() and not torch.cuda.is_available():
+            hint = "; this machine has no CUDA GPU: set trainer.accelerator to auto or cpu"
+        print(f"dbl: configuration error: trainer: {err}{hint}", file=sys.stderr)
         raise SystemExit(2) from None
     except UsageError as err:  # found only once the run started (missing data, a model that cannot load, ...)
         print(f"dbl: {err}", file=sys.stderr)

@@ -38,6 +38,15 @@ def test_bad_config_gives_one_line_error(override, message, capsys):
     assert lines[0].startswith("dbl: configuration error:") and message in lines[0]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpu_accelerator_without_gpu_is_a_one_line_error(capsys):
+    code, _, err = run_main(["info", "--config", QUICKSTART, "--trainer.accelerator", "gpu"], capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("Seed set")]
+    assert lines == ["dbl: configuration error: trainer: No supported gpu backend found!; this machine has no CUDA GPU: "
+                     "set trainer.accelerator to auto or cpu"]
+
+
 def test_info_prints_blocks_and_memory(capsys):
     main(["info", "--config", QUICKSTART])
     out = capsys.readouterr().out
