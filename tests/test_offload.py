@@ -1,5 +1,8 @@
+import lightning as L
+import pytest
 import torch
-from test_engine import fit
+from lightning.pytorch.callbacks import ModelCheckpoint
+from test_engine import fit, loader
 
 from dbl.memory import profile_activations
 
@@ -68,3 +71,46 @@ def test_activation_checkpointing_same_gradients_fewer_activations(tiny_module, 
     full = profile_activations(plain, image_batch, 16)
     lean = profile_activations(ckpt, image_batch, 16)
     assert sum(lean.layer_bytes) < 0.5 * sum(full.layer_bytes)
+
+
+def test_ema_works_with_block_wise_training_and_offloading(tiny_module, image_batch, tmp_path):
+    """The EMA callback: each block's average follows its own weights, offloaded or not; counts stay exact."""
+    from dbl.callbacks import EMA
+
+    plain = tiny_module(block_schedule="phased", phase_steps=2, offload_inactive=True)
+    torch.manual_seed(0)
+    fit(plain, image_batch, 6, tmp_path / "plain")
+    ema = tiny_module(block_schedule="phased", phase_steps=2, offload_inactive=True)
+    start = {name: p.detach().clone() for name, p in ema.named_parameters()}
+    callback = EMA(decay=0.125)
+    torch.manual_seed(0)
+    fit(ema, image_batch, 6, tmp_path / "ema", callbacks=[callback])
+    assert callback.step_decay == pytest.approx(0.5)  # 0.125 per block update = 0.5 per step at B = 3
+    assert ema.block_updates.tolist() == [2, 2, 2]  # copied, not averaged
+    trained = dict(plain.named_parameters())
+    for b in range(3):  # the module now holds the average: neither the start nor the trained weights
+        names = [n for n, p in ema.named_parameters() if any(p is q for q in ema.network.block_parameters(b))]
+        assert any(not torch.equal(ema.get_parameter(n), trained[n]) for n in names)
+        assert any(not torch.equal(ema.get_parameter(n), start[n]) for n in names)
+    with pytest.raises(ValueError, match="decay must be in"):
+        EMA(decay=1.0)
+
+
+def test_ema_checkpoint_resumes_raw_weights_and_keeps_the_average(tiny_module, image_batch, tmp_path):
+    from dbl.callbacks import EMA
+
+    kw = {"block_schedule": "phased", "phase_steps": 1}
+    # a checkpoint taken during training (after training ends, the module itself holds the average)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[EMA(decay=0.5), saver])
+    trainer.fit(tiny_module(**kw), loader(image_batch))
+    (path,) = (tmp_path / "ckpt").glob("*step=3.ckpt")
+    ckpt = torch.load(path, weights_only=False)
+    # the checkpoint's weights are the average; the raw weights (what training continues from) are kept too
+    raw, averaged = ckpt["current_model_state"], ckpt["state_dict"]
+    assert any(not torch.equal(raw[k], averaged[k]) for k in raw)
+    assert raw["block_updates"].tolist() == averaged["block_updates"].tolist() == [1, 1, 1]
+    resumed = tiny_module(**kw)
+    fit(resumed, image_batch, 6, tmp_path / "b", ckpt_path=path, callbacks=[EMA(decay=0.5)])
+    assert resumed.block_updates.tolist() == [2, 2, 2]

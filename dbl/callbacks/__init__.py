@@ -1,5 +1,6 @@
 """Callbacks: extension points around training and evaluation."""
 
+from dbl.callbacks.ema import EMA
 from dbl.callbacks.fid import FID
 from dbl.callbacks.generation import ContinuationWriter, GenerationMetrics
 from dbl.callbacks.memory import MemoryMonitor
@@ -7,6 +8,6 @@ from dbl.callbacks.samples import ImagePredictionWriter, SampleGrid
 from dbl.callbacks.text import TextPredictionWriter, TextSamples
 
 __all__ = [
-    "FID", "ContinuationWriter", "GenerationMetrics", "ImagePredictionWriter", "MemoryMonitor", "SampleGrid", "TextPredictionWriter",
+    "EMA", "FID", "ContinuationWriter", "GenerationMetrics", "ImagePredictionWriter", "MemoryMonitor", "SampleGrid", "TextPredictionWriter",
     "TextSamples",
 ]
