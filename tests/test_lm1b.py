@@ -386,3 +386,25 @@ def test_cli_reports_vocab_mismatch(data_root, vocab_dir, tmp_path, capsys):
     stderr = capsys.readouterr().err
     err = [line for line in stderr.splitlines() if line.startswith("dbl:")]
     assert len(err) == 1 and "set network vocab_size >=" in err[0] and "Traceback" not in stderr
+
+
+def test_train_wordpiece_tool_makes_a_vocab_the_data_module_loads(data_root, tmp_path, capsys, monkeypatch):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    from dbl.data.lm1b import load_tokenizer
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "train_wordpiece.py"
+    out = tmp_path / "wp"
+    monkeypatch.setattr(sys, "argv", [str(tool), str(data_root / ARCHIVE), "--vocab-size", "120", "--out", str(out)])
+    runpy.run_path(str(tool), run_name="__main__")
+    assert f"wrote {out / 'vocab.txt'}" in capsys.readouterr().out
+    vocab = (out / "vocab.txt").read_text().splitlines()
+    assert vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] and len(vocab) <= 120
+    tokenizer = load_tokenizer(str(out))
+    ids = tokenizer("The market rose.", add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in ids  # every piece of the training text is covered
+    monkeypatch.setattr(sys, "argv", [str(tool), str(tmp_path / "missing.tar.gz"), "--out", str(out)])
+    with pytest.raises(SystemExit, match="is not a file"):
+        runpy.run_path(str(tool), run_name="__main__")
