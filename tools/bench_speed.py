@@ -68,7 +68,8 @@ def offload_share(config, num_blocks, depth, batch_size, phase_steps, accelerato
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--blocks", type=int, nargs="+", default=[3])
+    parser.add_argument("--blocks", type=int, nargs="*", default=[3],
+                        help="block counts to compare with end-to-end; none: end-to-end only (e.g. a next-token baseline)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=12, help="measured training steps per variant")
     parser.add_argument("--sample-steps", type=int, default=50)
