@@ -139,3 +139,16 @@ def test_one_block_is_end_to_end(tiny_module, image_batch, tmp_path):
     fit(m, image_batch, 2, tmp_path)
     for old, layer in zip(before, m.network.net.layers):  # every layer trained
         assert any(not torch.equal(p, q) for p, q in zip(old, layer.parameters()))
+
+
+def test_fp16_mixed_precision_is_refused_with_the_way_out(tiny_module):
+    from types import SimpleNamespace
+
+    from dbl.errors import UsageError
+
+    m = tiny_module()
+    m._trainer = SimpleNamespace(precision="16-mixed")
+    with pytest.raises(UsageError, match="use 'bf16-mixed' or '32-true'"):
+        m.on_fit_start()
+    m._trainer = SimpleNamespace(precision="bf16-mixed")
+    m.on_fit_start()

@@ -23,6 +23,7 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
 from torchmetrics import Metric
 
+from dbl.errors import UsageError
 from dbl.models.blockwise import BlockwiseNetwork
 from dbl.training.offload import BlockOffloader
 from dbl.training.schedules import make_schedule
@@ -106,7 +107,7 @@ class BlockwiseLightningModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         if self.trainer.precision == "16-mixed":
-            raise ValueError(
+            raise UsageError(
                 "trainer.precision '16-mixed' needs loss scaling, which the block-wise manual loop does not do; "
                 "use 'bf16-mixed' or '32-true'"
             )
@@ -160,6 +161,11 @@ class BlockwiseLightningModule(L.LightningModule):
     def block_loss(self, batch, block: int) -> BlockLoss:
         """Loss of ``block`` on ``batch``, with noise drawn from that block's training range."""
         raise NotImplementedError
+
+    def example_batch(self, batch_size: int):
+        """Random data shaped like the task's batches, for ``tools/bench_memory.py`` and ``bench_speed.py``
+        (which measure memory and speed, not quality)."""
+        raise NotImplementedError(f"{type(self).__name__} has no example_batch(batch_size); the benchmarks need one")
 
     # -- optimization ----------------------------------------------------------------------
     def parameter_groups(self) -> list[list[nn.Parameter]]:
