@@ -51,13 +51,9 @@ def standard_variants(blocks: list[int], offload: bool = True) -> list[Variant]:
     return out
 
 
-# the experiment's own Trainer is built but not used (run_steps makes a bare one): keep it buildable
-# on any machine, whatever accelerator, devices or strategy the YAML asks for
-_UNUSED_TRAINER = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto"]
-
-
 def build(config: str, variant: Variant, depth: int):
-    cli = load_experiment(config, [*_UNUSED_TRAINER, *variant.cli_overrides(depth)])
+    # the experiment's own Trainer is not used (run_steps makes a bare one)
+    cli = load_experiment(config, variant.cli_overrides(depth), portable_trainer=True)
     return cli.model, cli.datamodule
 
 
@@ -70,7 +66,8 @@ def example_batch(module, datamodule, batch_size: int):
 
 def network_depth(config: str) -> int:
     # built end to end: any depth divides into one block
-    return len(load_experiment(config, [*_UNUSED_TRAINER, "--model.init_args.num_blocks", "1"]).model.network.net.layers)
+    cli = load_experiment(config, ["--model.init_args.num_blocks", "1"], portable_trainer=True)
+    return len(cli.model.network.net.layers)
 
 
 class RepeatBatch(Dataset):

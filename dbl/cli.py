@@ -95,9 +95,16 @@ def _flat(node, prefix: str = "") -> dict:
     return out
 
 
-def load_experiment(config: str, overrides: list[str] = ()) -> DBLCLI:
+# For tools that use an experiment's model and data but not its Trainer: a Trainer that builds on
+# any machine, whatever accelerator, devices or strategy the YAML asks for.
+PORTABLE_TRAINER = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto"]
+
+
+def load_experiment(config: str, overrides: list[str] = (), portable_trainer: bool = False) -> DBLCLI:
     """Build an experiment's model, data and trainer from its YAML without running anything
-    (for tools and notebooks): ``cli.model``, ``cli.datamodule``, ``cli.trainer``."""
+    (for tools and notebooks): ``cli.model``, ``cli.datamodule``, ``cli.trainer``.
+    ``portable_trainer``: build the trainer on the CPU (``PORTABLE_TRAINER``), for tools that do not use it."""
+    overrides = [*(PORTABLE_TRAINER if portable_trainer else []), *overrides]
     return DBLCLI(
         BlockwiseLightningModule,
         L.LightningDataModule,
