@@ -11,6 +11,7 @@ import re
 import sys
 import warnings
 from argparse import ArgumentError
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -41,6 +42,10 @@ def condense(message: str) -> str:
     return f"{'.'.join(keys)}: {reason}" if keys else reason
 
 
+# --ckpt_path values that Lightning resolves itself (also "registry:<name>" and URLs)
+_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
+
+
 class Trainer(L.Trainer):
     """Lightning's Trainer with one more entry point, ``info``."""
 
@@ -61,6 +66,11 @@ class DBLCLI(LightningCLI):
         # --ckpt_path, silently dropping any model option given in the YAML or on the command
         # line. Say which ones, so nobody evaluates with settings they did not get.
         subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        resolved_by_lightning = str(ckpt_path).split(":")[0] in _CKPT_KEYWORDS or "://" in str(ckpt_path)
+        if ckpt_path and not resolved_by_lightning and not Path(ckpt_path).is_file():
+            raise ConfigError(f"ckpt_path {ckpt_path}: no such file; give a checkpoint written by `dbl fit` "
+                              "(e.g. <run>/version_<n>/checkpoints/last.ckpt) or 'last' to resume the latest")
         before = _flat(self.config[subcommand].get("model")) if subcommand else {}
         super()._parse_ckpt_path()
         after = _flat(self.config[subcommand].get("model")) if subcommand else {}

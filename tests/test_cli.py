@@ -28,6 +28,7 @@ def run_main(args, capsys):
         (["--model.init_args.num_blocks", "9"], "num_blocks 9 is larger than the network's depth 6"),
         (["--model.init_args.overlap", "-0.1"], "overlap must be >= 0, got -0.1"),
         (["--model.init_args.network.init_args.depth", "7"], "set layers_per_block explicitly, e.g. [3, 2, 2]"),
+        (["--ckpt_path", "missing.ckpt"], "ckpt_path missing.ckpt: no such file"),
     ],
 )
 def test_bad_config_gives_one_line_error(override, message, capsys):
