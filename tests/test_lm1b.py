@@ -408,3 +408,14 @@ def test_train_wordpiece_tool_makes_a_vocab_the_data_module_loads(data_root, tmp
     monkeypatch.setattr(sys, "argv", [str(tool), str(tmp_path / "missing.tar.gz"), "--out", str(out)])
     with pytest.raises(SystemExit, match="is not a file"):
         runpy.run_path(str(tool), run_name="__main__")
+
+
+def test_a_local_model_path_that_does_not_exist_is_named(tmp_path):
+    from dbl.callbacks.generation import load_causal_lm
+    from dbl.data.lm1b import load_tokenizer
+    from dbl.errors import MissingDataError
+
+    with pytest.raises(MissingDataError, match=f"tokenizer directory {tmp_path / 'nope'} does not exist"):
+        load_tokenizer(str(tmp_path / "nope"))
+    with pytest.raises(MissingDataError, match=f"causal LM directory {tmp_path / 'judge'} does not exist"):
+        load_causal_lm(str(tmp_path / "judge"), None, torch.device("cpu"))

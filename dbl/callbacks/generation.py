@@ -39,7 +39,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_only
 
 from dbl.callbacks.paths import run_dir
-from dbl.errors import UsageError
+from dbl.data.lm1b import looks_like_a_path
+from dbl.errors import MissingDataError, UsageError
 
 
 def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
@@ -64,6 +65,9 @@ def load_causal_lm(name_or_path: str, kwargs: dict | None, device: torch.device)
 
     kwargs = dict(kwargs or {})
     local = Path(name_or_path).expanduser()
+    if looks_like_a_path(name_or_path) and not local.exists():
+        raise MissingDataError(f"causal LM directory {local} does not exist; give a local directory "
+                               "(see shared/tools/offline_assets.sh) or a hub id")
     name_or_path = str(local) if local.exists() else name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)

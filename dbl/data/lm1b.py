@@ -40,6 +40,11 @@ TRAIN_GLOB = "training-monolingual.tokenized.shuffled/news.en-*"
 HELDOUT_GLOB = "heldout-monolingual.tokenized.shuffled/news.en.heldout-*"
 
 
+def looks_like_a_path(name_or_path: str) -> bool:
+    """A local path rather than a hub id ("org/name"): absolute, home- or dot-relative."""
+    return str(name_or_path).startswith(("/", "~", "./", "../"))
+
+
 def load_tokenizer(name_or_path: str):
     """A Hugging Face tokenizer from a hub id or a local directory.
 
@@ -49,6 +54,9 @@ def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer, BertTokenizerFast
 
     path = Path(name_or_path).expanduser()
+    if looks_like_a_path(name_or_path) and not path.exists():
+        raise MissingDataError(f"tokenizer directory {path} does not exist; give a local directory (e.g. one with a "
+                               "BERT vocab.txt from shared/tools/offline_assets.sh) or a hub id")
     name_or_path = str(path) if path.exists() else name_or_path
     if path.is_dir() and (path / "vocab.txt").exists() and not (path / "tokenizer_config.json").exists():
         return BertTokenizerFast.from_pretrained(str(path))
