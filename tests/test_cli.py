@@ -81,7 +81,7 @@ def test_quickstart_ctrl_c_checkpoints_and_rerun_resumes(tmp_path):
         "trainer:\n  callbacks:\n"
         "    - {class_path: dbl.callbacks.SampleGrid, init_args: {every_n_steps: 0, per_class: 2, num_steps: 4}}\n"
         "    - {class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {every_n_train_steps: 2}}\n"
-        "    - {class_path: lightning.pytorch.callbacks.OnExceptionCheckpoint, init_args: {dirpath: checkpoints/quickstart}}\n"
+        "    - {class_path: dbl.callbacks.OnExceptionCheckpoint, init_args: {dirpath: checkpoints/quickstart}}\n"
     )
     args += ["--config", "often.yaml"]
     proc = _dbl([*args, "--trainer.max_steps", "100000"], tmp_path)
@@ -126,3 +126,18 @@ def test_quickstart_ctrl_c_checkpoints_and_rerun_resumes(tmp_path):
           "--data.init_args.num_predict", "3", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
           "--trainer.default_root_dir", str(tmp_path)])
     assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png", "000002.png"]
+
+
+def test_no_on_exception_checkpoint_before_the_first_step(tmp_path):
+    """A run that fails before training (bad data, bad setting) must not leave a checkpoint that the
+    corrected rerun would resume from."""
+    from types import SimpleNamespace
+
+    from dbl.callbacks import OnExceptionCheckpoint
+
+    saved = []
+    callback = OnExceptionCheckpoint(dirpath=str(tmp_path))
+    for step in (0, 3):
+        trainer = SimpleNamespace(global_step=step, save_checkpoint=saved.append)
+        callback.on_exception(trainer, None, RuntimeError("boom"))
+    assert saved == [str(tmp_path / "on_exception.ckpt")]  # only the run that had trained

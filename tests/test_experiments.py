@@ -49,6 +49,7 @@ def test_every_run_checkpoints_on_ctrl_c_and_periodically():
         callbacks = {c["class_path"].rsplit(".", 1)[-1]: c.get("init_args", {})
                      for c in yaml.safe_load(path.read_text())["trainer"]["callbacks"]}
         assert "OnExceptionCheckpoint" in callbacks, path.name
+        assert "dbl.callbacks.OnExceptionCheckpoint" in path.read_text(), path.name  # nothing saved before training
         assert callbacks.get("ModelCheckpoint", {}).get("save_last"), path.name
         dirpaths.setdefault(callbacks["OnExceptionCheckpoint"]["dirpath"], []).append(path.stem)
     assert all(len(stems) == 1 for stems in dirpaths.values()), dirpaths
