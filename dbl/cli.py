@@ -82,6 +82,26 @@ class DBLCLI(LightningCLI):
                 stacklevel=1,
             )
 
+    def _resolve_last_checkpoint(self) -> None:
+        # Lightning looks for `--ckpt_path last` in this run's checkpoint folder, which the logger
+        # has just made a new, empty version_<n>: fit would silently train from scratch and
+        # test would evaluate untrained weights. Resolve it to the newest checkpoint of this
+        # experiment's earlier runs instead.
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") != "last":
+            return
+        found = latest_checkpoint(self.trainer)
+        if found is None and self.subcommand != "fit":
+            raise ConfigError("ckpt_path last: this experiment has no checkpoint yet; train it first or give a file")
+        if found is None:
+            print("dbl: --ckpt_path last: this experiment has no earlier checkpoint; training from scratch",
+                  file=sys.stderr)
+        else:
+            print(f"dbl: --ckpt_path last: using {found}", file=sys.stderr)
+        config["ckpt_path"] = None if found is None else str(found)
+
+    before_fit = before_validate = before_test = before_predict = _resolve_last_checkpoint
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
@@ -89,6 +109,26 @@ class DBLCLI(LightningCLI):
             # jsonargparse re-raises our constructors' errors wrapped in a union report; the
             # original exception (which names the option) is the cause.
             raise ConfigError(str(err.__cause__ or err)) from err
+
+
+def latest_checkpoint(trainer: L.Trainer) -> Path | None:
+    """The newest ``last*.ckpt`` of the experiment's runs (every ``version_<n>`` of its logger, and
+    any ModelCheckpoint with its own folder) or its on-exception checkpoint; None if there is none."""
+    from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+
+    candidates: list[Path] = []
+    for callback in trainer.callbacks:
+        if isinstance(callback, OnExceptionCheckpoint):
+            candidates.append(Path(callback.ckpt_path))
+        elif isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            candidates += Path(callback.dirpath).glob("last*.ckpt")
+    logger = trainer.logger
+    if logger is not None and getattr(logger, "save_dir", None):
+        candidates += (Path(logger.save_dir) / (logger.name or "")).glob("version_*/checkpoints/last*.ckpt")
+    else:
+        candidates += (Path(trainer.default_root_dir) / "checkpoints").glob("last*.ckpt")
+    existing = [path for path in candidates if path.is_file()]
+    return max(existing, key=lambda path: path.stat().st_mtime) if existing else None
 
 
 def _flat(node, prefix: str = "") -> dict:
@@ -132,7 +172,6 @@ def main(args=None) -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     # OnExceptionCheckpoint makes fit resume from its checkpoint when one exists; say so only then.
     warnings.filterwarnings("ignore", message=r".*\.fit\(ckpt_path=None\)` was called without a model.*")
-    warnings.filterwarnings("ignore", message=r".*ckpt_path=\"last\"\) is set, but there is no last checkpoint.*")
     try:
         DBLCLI(
             BlockwiseLightningModule,

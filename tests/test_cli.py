@@ -141,3 +141,25 @@ def test_no_on_exception_checkpoint_before_the_first_step(tmp_path):
         trainer = SimpleNamespace(global_step=step, save_checkpoint=saved.append)
         callback.on_exception(trainer, None, RuntimeError("boom"))
     assert saved == [str(tmp_path / "on_exception.ckpt")]  # only the run that had trained
+
+
+def test_ckpt_path_last_resumes_the_previous_run(tmp_path, capsys, monkeypatch):
+    """Each run logs into a new version_<n>; `--ckpt_path last` must still find the previous run's last.ckpt."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", QUICKSTART, "--model.init_args.network.init_args.hidden_size", "32",
+            "--model.init_args.network.init_args.num_heads", "2", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.callbacks",
+            '[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
+            '"init_args": {"save_last": true, "every_n_train_steps": 2, "save_top_k": -1}}]']
+    with pytest.raises(SystemExit) as exit_:  # evaluating "last" before any training is an error, not random weights
+        main(["validate", *args, "--ckpt_path", "last"])
+    assert exit_.value.code == 2 and "this experiment has no checkpoint yet" in capsys.readouterr().err
+    main(["fit", *args, "--trainer.max_steps", "4", "--ckpt_path", "last"])
+    assert "no earlier checkpoint; training from scratch" in capsys.readouterr().err
+    main(["fit", *args, "--trainer.max_steps", "6", "--ckpt_path", "last"])
+    assert "using lightning_logs/quickstart/version_0/checkpoints/last.ckpt" in capsys.readouterr().err
+    runs = tmp_path / "lightning_logs" / "quickstart"
+    assert sorted(p.name for p in (runs / "version_0" / "checkpoints").glob("epoch*")) == [
+        "epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"]
+    # the second run continued at step 4: its only periodic checkpoint is step 6
+    assert [p.name for p in (runs / "version_1" / "checkpoints").glob("epoch*")] == ["epoch=0-step=6.ckpt"]
