@@ -166,6 +166,17 @@ def load_experiment(config: str, overrides: list[str] = (), portable_trainer: bo
     )
 
 
+def _trainer_hint(message: str) -> str:
+    """What to do instead, for Lightning's trainer errors whose own advice does not fit dbl."""
+    if "gpu" in message.lower() and not torch.cuda.is_available():
+        return "; this machine has no CUDA GPU: set trainer.accelerator to auto or cpu"
+    if "gradient clipping" in message:
+        return "; dbl clips each step's block itself: set model.init_args.gradient_clip_val instead"
+    if "gradient accumulation" in message:
+        return "; dbl steps one block per batch and does not accumulate: raise the data's batch_size instead"
+    return ""
+
+
 def main(args=None) -> None:
     # Checkpoints of manual optimization are taken after the step, which is what dbl wants.
     warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
@@ -190,10 +201,7 @@ def main(args=None) -> None:
         print(f"dbl: configuration error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except MisconfigurationException as err:  # Lightning's own checks of the trainer options
-        hint = ""
-        if "gpu" in str(err).lower() and not torch.cuda.is_available():
-            hint = "; this machine has no CUDA GPU: set trainer.accelerator to auto or cpu"
-        print(f"dbl: configuration error: trainer: {err}{hint}", file=sys.stderr)
+        print(f"dbl: configuration error: trainer: {err}{_trainer_hint(str(err))}", file=sys.stderr)
         raise SystemExit(2) from None
     except UsageError as err:  # found only once the run started (missing data, a model that cannot load, ...)
         print(f"dbl: {err}", file=sys.stderr)
