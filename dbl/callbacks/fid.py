@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.data import Subset
+from tqdm import tqdm
 
 from dbl.callbacks.paths import run_dir
 from dbl.data.images import ReferenceImages, to_uint8
@@ -193,16 +194,19 @@ class FID(L.Callback):
             parts: dict[str, list[torch.Tensor]] = {}
             saved_images, saved_labels = [], []
             sampling_seconds, batches = 0.0, self.generate(trainer, pl_module, seed)
+            progress = tqdm(total=self.num_samples, desc=f"FID samples, seed {seed}", unit="img", disable=None)
             for index in itertools.count():
                 tic = time.perf_counter()
                 images, labels = next(batches, (None, None))
                 sampling_seconds += time.perf_counter() - tic
                 if images is None:
                     break
+                progress.update(len(images))
                 for k, v in extractor(images).items():
                     parts.setdefault(k, []).append(v)
                 if self.save_samples != "none":
                     self._save_batch(trainer, seed, index * self.batch_size, images, labels, saved_images, saved_labels)
+            progress.close()
             features = {k: torch.cat(v) for k, v in parts.items()}
             generated = statistics(features[extractor.layer])
             scores = {f"fid/{split}": frechet_distance(generated, ref) for split, ref in references.items()}

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_only
+from tqdm import tqdm
 
 from dbl.callbacks.paths import run_dir
 from dbl.data.lm1b import looks_like_a_path
@@ -221,7 +222,8 @@ class GenerationMetrics(L.Callback):
         gen = torch.Generator().manual_seed(seed)
         repeated = prompts.repeat_interleave(self.per_prompt, dim=0)
         outs, seconds = [], 0.0
-        for start in range(0, len(repeated), self.generation_batch_size):
+        starts = range(0, len(repeated), self.generation_batch_size)
+        for start in tqdm(starts, desc=f"generating continuations, seed {seed}", unit="batch", disable=None):
             t0 = time.perf_counter()
             outs.append(pl_module.generate(repeated[start : start + self.generation_batch_size], self.continuation_length,
                                            generator=gen, **self.sampler).cpu())

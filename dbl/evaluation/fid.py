@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from dbl.data.images import ReferenceImages, default_cache_dir, is_writable
 from dbl.errors import MissingDataError, UsageError
@@ -117,7 +118,10 @@ def reference_statistics(reference: ReferenceImages, extractor: FeatureExtractor
         with np.load(path) as f:
             return {"mu": f["mu"], "sigma": f["sigma"]}
     loader = DataLoader(reference.dataset, batch_size=batch_size, shuffle=False)
-    stats = statistics(extractor.features(loader)[extractor.layer])
+    # a progress bar on a terminal only (disable=None), so logs and CI stay clean
+    batches = tqdm(loader, desc=f"FID reference statistics ({reference.description.get('split', '')})",
+                   unit="batch", disable=None)
+    stats = statistics(extractor.features(batches)[extractor.layer])
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_suffix(".part.npz")
     np.savez(part, mu=stats["mu"], sigma=stats["sigma"],
