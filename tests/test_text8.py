@@ -71,7 +71,7 @@ def test_standard_split_is_default_and_checked(text8_root):
 
 
 def test_failed_download_says_where_to_put_the_file(tmp_path, monkeypatch):
-    def offline(url, path):
+    def offline(url, path, reporthook=None):
         Path(path).write_bytes(b"partial")
         raise OSError("network is unreachable")
 
@@ -131,3 +131,16 @@ def test_cli_round_trip(text8_root, tmp_path):
     lines = predictions.read_text().split("\n")
     assert lines[-1] == "" and len(lines[:-1]) == 5
     assert all(len(line) == 32 and set(line) <= set(ALPHABET) for line in lines[:-1])
+
+
+def test_download_lands_atomically(tmp_path, monkeypatch):
+    from dbl.data.download import download
+
+    def fetch(url, path, reporthook=None):
+        Path(path).write_bytes(b"x" * 10)
+        reporthook(1, 10, 10)
+        assert not (tmp_path / "d" / "file.zip").exists()  # only the .part file while downloading
+
+    monkeypatch.setattr("urllib.request.urlretrieve", fetch)
+    download("http://example.invalid/file.zip", tmp_path / "d" / "file.zip")
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["file.zip"]

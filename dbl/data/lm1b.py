@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import tarfile
-import urllib.request
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -98,12 +97,7 @@ def ensure_archive(root: Path, download: bool, archive: Path | None = None) -> P
             raise MissingDataError(f"LM1B archive {archive} does not exist; fix data.init_args.archive or leave it unset")
         if not download:
             raise MissingDataError(f"LM1B archive not found: put {ARCHIVE} into {root} (or set download: true when online)")
-        root.mkdir(parents=True, exist_ok=True)
-        try:
-            urllib.request.urlretrieve(ARCHIVE_URL, archive.with_suffix(".part"))
-        except OSError as err:
-            raise MissingDataError(f"LM1B download from {ARCHIVE_URL} failed ({err}); put {ARCHIVE} into {root} by hand") from None
-        archive.with_suffix(".part").rename(archive)
+        download(ARCHIVE_URL, archive)
     with tarfile.open(archive) as tar:
         wanted = [m for m in tar.getmembers() if m.isfile() and any(
             fnmatch(m.name, f"{TOP_DIR}/{pattern}") for pattern in (TRAIN_GLOB, HELDOUT_GLOB))]

@@ -12,7 +12,6 @@ context across chunk boundaries. BPC is total negative ELBO (nats) over total ch
 
 from __future__ import annotations
 
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -21,7 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dbl.errors import MissingDataError, UsageError
+from dbl.data.download import download
+from dbl.errors import UsageError
 
 TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
 ALPHABET = "abcdefghijklmnopqrstuvwxyz "
@@ -54,15 +54,7 @@ def missing_file_message(root: str | Path) -> str:
 
 def download_text8(root: str | Path) -> None:
     """Fetch text8.zip from the canonical URL into ``root`` (atomically: a partial file never remains)."""
-    path = text8_path(root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".zip.part")
-    try:
-        urllib.request.urlretrieve(TEXT8_URL, tmp)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise MissingDataError(f"downloading {TEXT8_URL} failed ({err}); put text8.zip at {path}") from None
-    tmp.rename(path)
+    download(TEXT8_URL, text8_path(root))
 
 
 def _text8_member(zf: zipfile.ZipFile, path: Path) -> zipfile.ZipInfo:
