@@ -20,7 +20,7 @@ def test_two_process_ddp_trains_the_same_block_with_different_noise(tmp_path):
     model["offload_inactive"] = True  # the random schedule moves blocks on most steps: the hardest case
     config["data"]["init_args"]["batch_size"] = 32
     config["trainer"] = {
-        "accelerator": "cpu", "devices": 2, "strategy": "ddp_find_unused_parameters_true",
+        "accelerator": "cpu", "devices": 2, "strategy": "ddp",  # find_unused_parameters: dbl turns it on
         "max_steps": 8, "val_check_interval": 4, "check_val_every_n_epoch": None, "limit_val_batches": 2,
         "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
         "callbacks": [{"class_path": "ddp_probe.RecordRanks", "init_args": {"out_dir": str(tmp_path / "ranks")}}],

@@ -20,6 +20,8 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import Metric
 
@@ -104,6 +106,17 @@ class BlockwiseLightningModule(L.LightningModule):
     @property
     def num_blocks(self) -> int:
         return self.network.num_blocks
+
+    def setup(self, stage: str) -> None:
+        # Data-parallel: a block-wise step leaves every other block without gradients, which DDP
+        # treats as an error unless it looks for unused parameters. Turn that on before the
+        # strategy wraps the model (right after this hook), instead of failing at the second step.
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if stage == "fit" and self.num_blocks > 1 and isinstance(strategy, DDPStrategy):
+            ddp_kwargs = strategy._ddp_kwargs  # read by DDPStrategy when it wraps the model
+            if not ddp_kwargs.get("find_unused_parameters"):
+                ddp_kwargs["find_unused_parameters"] = True
+                rank_zero_info("dbl: DDP find_unused_parameters turned on (each block-wise step trains one block)")
 
     def on_fit_start(self) -> None:
         if self.trainer.precision == "16-mixed":

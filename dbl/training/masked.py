@@ -87,6 +87,7 @@ class MaskedDiffusionModule(BlockwiseLightningModule):
         return self.network.net.mask_id
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         data_vocab = getattr(self.trainer.datamodule, "vocab_size", None)
         if data_vocab is not None and data_vocab != self.network.net.vocab_size:
             raise UsageError(f"the data has {data_vocab} symbols but the network's vocab_size is {self.network.net.vocab_size}")

@@ -56,6 +56,7 @@ class _TextTask:
         self.generate_tokens, self.temperature = generate_tokens, temperature
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         vocab = getattr(dm, "vocab_size", None)
         if vocab is not None and vocab > self.network.net.vocab_size:
