@@ -7,6 +7,7 @@ Lightning Trainer, with callbacks that measure each step.
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, field
 
@@ -51,7 +52,17 @@ def standard_variants(blocks: list[int], offload: bool = True) -> list[Variant]:
     return out
 
 
+def free_memory() -> None:
+    """Free what earlier variants left behind. Lightning's trainer and module refer to each other,
+    so only the cycle collector frees them; until it runs, their weights and optimizer state would
+    count in the next variant's peak memory (and a large model's variants would pile up)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def build(config: str, variant: Variant, depth: int):
+    free_memory()
     # the experiment's own Trainer is not used (run_steps makes a bare one)
     cli = load_experiment(config, variant.cli_overrides(depth), portable_trainer=True)
     return cli.model, cli.datamodule

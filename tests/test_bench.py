@@ -42,8 +42,10 @@ def rows_of(out: str) -> dict[str, list[str]]:
     return {line.split("  ")[0].strip(): line.split() for line in out.splitlines() if line.startswith(("end-to-end", "block-wise"))}
 
 
-def test_bench_memory(tiny_config, capsys, monkeypatch):
-    out = run_tool("bench_memory.py", ["--config", tiny_config, "--blocks", "3", "--batch-size", "16"], capsys, monkeypatch)
+@pytest.mark.parametrize("batch_size", [16, 2])  # 2: smaller than the 4 samples `dbl info` profiles
+def test_bench_memory(tiny_config, batch_size, capsys, monkeypatch):
+    out = run_tool("bench_memory.py", ["--config", tiny_config, "--blocks", "3", "--batch-size", str(batch_size)],
+                   capsys, monkeypatch)
     assert "Training memory per step" in out and "CPU (no CUDA" in out
     table = out.split("`dbl info` estimate")[0]
     rows = rows_of(table)

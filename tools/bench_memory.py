@@ -50,7 +50,8 @@ def measure(config: str, variant: Variant, depth: int, batch_size: int, accelera
     out = {key: worst(key) for key in ("activations", "weights", "grads", "optimizer", "state", "peak")}
     module.cpu()
     small = tuple(t[:PROFILE_BATCH].cpu() if torch.is_tensor(t) else t for t in batch)
-    est = estimate_training_memory(module, profile_activations(module, small, PROFILE_BATCH), batch_size)
+    profiled = min(PROFILE_BATCH, batch_size)  # as `dbl info` does: a batch smaller than 4 is profiled whole
+    est = estimate_training_memory(module, profile_activations(module, small, profiled), batch_size)
     mode = "end-to-end" if b == 1 else ("block-wise, offloaded" if variant.offload else "block-wise")
     out["estimate"] = est[mode]
     return out
@@ -94,7 +95,8 @@ def main() -> None:
         est_state = est.weights + est.grads + est.optimizer
         rows.append([name, mib(r["activations"]), mib(est.activations), f"{est.activations / r['activations'] - 1:+.1%}",
                      mib(r["state"]), mib(est_state), f"{est_state / r['state'] - 1:+.1%}"])
-    print(f"\n`dbl info` estimate (activations measured on {PROFILE_BATCH} samples, scaled) vs this measurement")
+    print(f"\n`dbl info` estimate (activations measured on {min(PROFILE_BATCH, args.batch_size)} samples, scaled) "
+          "vs this measurement")
     print(table(rows))
 
 
