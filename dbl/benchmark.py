@@ -65,7 +65,11 @@ def build(config: str, variant: Variant, depth: int):
     free_memory()
     # the experiment's own Trainer is not used (run_steps makes a bare one)
     cli = load_experiment(config, variant.cli_overrides(depth), portable_trainer=True)
-    return cli.model, cli.datamodule
+    model, datamodule = cli.model, cli.datamodule
+    # jsonargparse keeps the latest CLI reachable (through its instantiators), and with it every
+    # object the CLI built: cut those links so this variant is freed when the benchmark drops it
+    cli.model = cli.datamodule = cli.trainer = cli.config_init = None
+    return model, datamodule
 
 
 def example_batch(module, datamodule, batch_size: int):
