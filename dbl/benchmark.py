@@ -7,7 +7,9 @@ Lightning Trainer, with callbacks that measure each step.
 
 from __future__ import annotations
 
+import concurrent.futures
 import gc
+import multiprocessing
 import time
 from dataclasses import dataclass, field
 
@@ -131,6 +133,38 @@ class StepTimer(L.Callback):
         self._sync(pl_module)
         self.times.append(time.perf_counter() - self._start)
         self.blocks.append(pl_module.schedule.block_at(trainer.global_step - 1))
+
+
+def measure_memory(config: str, variant: Variant, depth: int, batch_size: int, accelerator: str) -> dict:
+    """Train ``variant`` a few steps and return its worst per-step memory (after every block's
+    optimizer state exists) and ``dbl info``'s estimate for the same mode."""
+    from dbl.callbacks import MemoryMonitor
+    from dbl.info import PROFILE_BATCH
+    from dbl.memory import estimate_training_memory, profile_activations
+
+    module, datamodule = build(config, variant, depth)
+    batch = example_batch(module, datamodule, batch_size)
+    b = variant.num_blocks
+    monitor = MemoryMonitor(every_n_steps=1, log=False)
+    run_steps(module, batch, 2 * b + 1, [monitor], accelerator)
+    measured = [r for r in monitor.records if r["step"] >= b]  # after every block's optimizer state exists
+    worst = lambda key: max(r.get(key, 0) for r in measured)  # noqa: E731
+    out = {key: worst(key) for key in ("activations", "weights", "grads", "optimizer", "state", "peak")}
+    module.cpu()
+    small = tuple(t[:PROFILE_BATCH].cpu() if torch.is_tensor(t) else t for t in batch)
+    profiled = min(PROFILE_BATCH, batch_size)  # as `dbl info` does: a batch smaller than 4 is profiled whole
+    est = estimate_training_memory(module, profile_activations(module, small, profiled), batch_size)
+    mode = "end-to-end" if b == 1 else ("block-wise, offloaded" if variant.offload else "block-wise")
+    out["estimate"] = est[mode]
+    return out
+
+
+def run_isolated(fn, *args):
+    """``fn(*args)`` in a fresh (spawned) process: its memory is measured with nothing left over from
+    earlier variants, which Lightning and jsonargparse otherwise keep partly alive in one process."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def mib(n: float) -> str:

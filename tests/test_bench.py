@@ -42,9 +42,10 @@ def rows_of(out: str) -> dict[str, list[str]]:
     return {line.split("  ")[0].strip(): line.split() for line in out.splitlines() if line.startswith(("end-to-end", "block-wise"))}
 
 
-@pytest.mark.parametrize("batch_size", [16, 2])  # 2: smaller than the 4 samples `dbl info` profiles
-def test_bench_memory(tiny_config, batch_size, capsys, monkeypatch):
-    out = run_tool("bench_memory.py", ["--config", tiny_config, "--blocks", "3", "--batch-size", str(batch_size)],
+# 16: each variant in a fresh process (the default); 2: smaller than the 4 samples `dbl info` profiles
+@pytest.mark.parametrize("batch_size, mode", [(16, []), (2, ["--in-process"])])
+def test_bench_memory(tiny_config, batch_size, mode, capsys, monkeypatch):
+    out = run_tool("bench_memory.py", ["--config", tiny_config, "--blocks", "3", "--batch-size", str(batch_size), *mode],
                    capsys, monkeypatch)
     assert "Training memory per step" in out and "CPU (no CUDA" in out
     table = out.split("`dbl info` estimate")[0]
@@ -86,10 +87,12 @@ def test_bench_memory_on_text_models(tmp_path, capsys, monkeypatch):
     for module in ("ARDiffusionLMModule", "NextTokenLMModule"):
         (tmp_path / f"{module}.yaml").write_text(TEXT.format(module=module, root=tmp_path))
     ar = rows_of(run_tool("bench_memory.py", ["--config", str(tmp_path / "ARDiffusionLMModule.yaml"), "--blocks", "2",
-                                              "--batch-size", "4"], capsys, monkeypatch).split("`dbl info` estimate")[0])
+                                              "--batch-size", "4", "--in-process"], capsys, monkeypatch)
+                 .split("`dbl info` estimate")[0])
     assert float(ar["block-wise B=2"][-2]) > 1.5  # activations e2e / block-wise
     nt = rows_of(run_tool("bench_memory.py", ["--config", str(tmp_path / "NextTokenLMModule.yaml"), "--blocks",
-                                              "--batch-size", "4"], capsys, monkeypatch).split("`dbl info` estimate")[0])
+                                              "--batch-size", "4", "--in-process"], capsys, monkeypatch)
+                 .split("`dbl info` estimate")[0])
     assert set(nt) == {"end-to-end", "end-to-end + act. ckpt"}
     # the AR diffusion model runs twice the sequence, so its end-to-end activations are larger
     assert float(ar["end-to-end"][4].replace(",", "")) > float(nt["end-to-end"][4].replace(",", ""))

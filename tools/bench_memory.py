@@ -24,37 +24,15 @@ import warnings
 import torch
 
 from dbl.benchmark import (
-    Variant,
-    build,
     default_accelerator,
-    example_batch,
+    measure_memory,
     mib,
     network_depth,
-    run_steps,
+    run_isolated,
     standard_variants,
     table,
 )
-from dbl.callbacks import MemoryMonitor
 from dbl.info import PROFILE_BATCH
-from dbl.memory import estimate_training_memory, profile_activations
-
-
-def measure(config: str, variant: Variant, depth: int, batch_size: int, accelerator: str) -> dict:
-    module, datamodule = build(config, variant, depth)
-    batch = example_batch(module, datamodule, batch_size)
-    b = variant.num_blocks
-    monitor = MemoryMonitor(every_n_steps=1, log=False)
-    run_steps(module, batch, 2 * b + 1, [monitor], accelerator)
-    measured = [r for r in monitor.records if r["step"] >= b]  # after every block's optimizer state exists
-    worst = lambda key: max(r.get(key, 0) for r in measured)  # noqa: E731
-    out = {key: worst(key) for key in ("activations", "weights", "grads", "optimizer", "state", "peak")}
-    module.cpu()
-    small = tuple(t[:PROFILE_BATCH].cpu() if torch.is_tensor(t) else t for t in batch)
-    profiled = min(PROFILE_BATCH, batch_size)  # as `dbl info` does: a batch smaller than 4 is profiled whole
-    est = estimate_training_memory(module, profile_activations(module, small, profiled), batch_size)
-    mode = "end-to-end" if b == 1 else ("block-wise, offloaded" if variant.offload else "block-wise")
-    out["estimate"] = est[mode]
-    return out
 
 
 def main() -> None:
@@ -64,13 +42,17 @@ def main() -> None:
                         help="block counts to compare with end-to-end; none: end-to-end only (e.g. a next-token baseline)")
     parser.add_argument("--batch-size", type=int, default=8, help="batch of the measured steps (default 8)")
     parser.add_argument("--no-offload", action="store_true", help="skip the offloaded variants")
+    parser.add_argument("--in-process", action="store_true",
+                        help="measure every variant in this process (faster to start; by default each variant runs in "
+                             "a fresh process, so nothing an earlier one left behind counts in its memory)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     accelerator = default_accelerator()
     depth = network_depth(args.config)
     results = {}
     for variant in standard_variants(args.blocks, offload=not args.no_offload):
-        results[variant.name] = measure(args.config, variant, depth, args.batch_size, accelerator)
+        task = (args.config, variant, depth, args.batch_size, accelerator)
+        results[variant.name] = measure_memory(*task) if args.in_process else run_isolated(measure_memory, *task)
         print(f"measured {variant.name}", flush=True)
 
     e2e = results["end-to-end"]
