@@ -69,7 +69,7 @@ def test_bench_speed(tiny_config, capsys, monkeypatch):
 
 TEXT = """
 model:
-  class_path: dbl.training.text.{module}
+  class_path: dbl.training.autoregressive.{module}
   init_args:
     network:
       class_path: dbl.models.llama.Llama

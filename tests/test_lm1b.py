@@ -23,7 +23,7 @@ from dbl.callbacks.generation import (
 )
 from dbl.data.lm1b import ARCHIVE, TOP_DIR, LM1BDataModule, detokenizer
 from dbl.models.llama import ARInput, Llama, ar_diffusion_mask
-from dbl.training.text import ARDiffusionLMModule, NextTokenLMModule
+from dbl.training.autoregressive import ARDiffusionLMModule, NextTokenLMModule
 
 SENTENCES = [
     "the market rose 3 % on monday , analysts said .",
@@ -159,7 +159,7 @@ def test_missing_archive_is_a_one_line_error(tmp_path, vocab_dir, capsys):
         dm.prepare_data()
     # found only when the run starts (prepare_data), and still one line from the CLI
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--model", "dbl.training.text.NextTokenLMModule", "--model.network", "dbl.models.llama.Llama",
+        main(["fit", "--model", "dbl.training.autoregressive.NextTokenLMModule", "--model.network", "dbl.models.llama.Llama",
               "--model.network.vocab_size", "64", "--model.network.hidden_size", "32", "--model.network.depth", "2",
               "--model.network.num_heads", "2", "--data", "dbl.data.LM1BDataModule", "--data.root", str(tmp_path),
               "--data.archive", str(tmp_path / "nowhere.tar.gz"), "--data.tokenizer", str(vocab_dir),
@@ -347,7 +347,7 @@ def test_cli_fit_test_predict(data_root, vocab_dir, judge_dir, tmp_path, capsys)
     out = tmp_path / "continuations.jsonl"
     common = [
         "--seed_everything", "0",
-        "--model", "dbl.training.text.ARDiffusionLMModule",
+        "--model", "dbl.training.autoregressive.ARDiffusionLMModule",
         "--model.network", "dbl.models.llama.Llama",
         "--model.network.vocab_size", str(len(WORDS) + 5), "--model.network.hidden_size", "32",
         "--model.network.depth", "2", "--model.network.num_heads", "2",
@@ -376,7 +376,7 @@ def test_cli_reports_vocab_mismatch(data_root, vocab_dir, tmp_path, capsys):
     from dbl.cli import main
 
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--model", "dbl.training.text.NextTokenLMModule", "--model.network", "dbl.models.llama.Llama",
+        main(["fit", "--model", "dbl.training.autoregressive.NextTokenLMModule", "--model.network", "dbl.models.llama.Llama",
               "--model.network.vocab_size", "8", "--model.network.hidden_size", "32", "--model.network.depth", "2",
               "--model.network.num_heads", "2", "--data", "dbl.data.LM1BDataModule", "--data.root", str(data_root),
               "--data.download", "false", "--data.tokenizer", str(vocab_dir), "--data.seq_len", "16",

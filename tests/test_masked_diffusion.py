@@ -152,7 +152,7 @@ def test_bpc_estimator_matches_brute_force_integration(schedule):
         for seq in x:
             z = torch.where(masks, m.mask_id, seq).repeat(len(t), 1)
             with torch.no_grad():
-                logits = m.routed_logits(z, t.repeat_interleave(len(masks)).float())
+                logits = m.denoiser(z, t.repeat_interleave(len(masks)).float())
             ce = torch.nn.functional.cross_entropy(logits.double().transpose(1, 2), seq.expand(len(z), -1), reduction="none")
             ce = (ce * masks.repeat(len(t), 1)).sum(1).view(len(t), len(masks))
             out.append(m.masking.elbo_weight(t) * (prob * ce).sum(1) / length)

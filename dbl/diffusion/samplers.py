@@ -1,12 +1,25 @@
 """Sampling: sigma grids and probability-flow ODE solvers as plain functions of a denoiser.
 
 A denoiser is any callable ``D(z, sigma) -> estimate of the clean sample``, where ``sigma`` is a
-0-dim tensor shared by the batch. dbl's models build one that routes each call to the block owning
-sigma, so the number of steps is free (it never depends on B) and can change at evaluation time.
+0-dim tensor shared by the batch. dbl's chains (``dbl.denoisers``) route each call to the block
+owning sigma, so the number of steps is free (it never depends on B) and can change at evaluation
+time.
+
+Solvers: ``euler`` (the paper's) and ``heun`` (EDM's) are the two short steps below; the others
+come from k-diffusion's ``sampling`` module (Karras et al.'s reference code), called with the same
+``D`` and grid: ``dpmpp_2m`` (DPM-Solver++ 2M), ``euler_ancestral``, ``lms`` (4th-order linear
+multistep), ``dpmpp_2s_ancestral``. The two built-in steps are tested against k-diffusion's
+``sample_euler`` / ``sample_heun``; they stay here because those draw (and discard) a normal sample
+from the global generator at every step, which would shift the training noise of any run that
+samples mid-training.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
+import types
 from collections.abc import Callable
 from typing import Literal
 
@@ -16,7 +29,16 @@ from dbl.diffusion.sigma import LogNormal
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GridKind = Literal["cdf", "karras"]
-Solver = Literal["euler", "heun"]
+Solver = Literal["euler", "heun", "dpmpp_2m", "euler_ancestral", "lms", "dpmpp_2s_ancestral"]
+# dbl's name -> k-diffusion's sampling function
+K_DIFFUSION_SOLVERS = {
+    "dpmpp_2m": "sample_dpmpp_2m",
+    "euler_ancestral": "sample_euler_ancestral",
+    "lms": "sample_lms",
+    "dpmpp_2s_ancestral": "sample_dpmpp_2s_ancestral",
+}
+STOCHASTIC_SOLVERS = ("euler_ancestral", "dpmpp_2s_ancestral")
+K_DIFFUSION_INSTALL = "pip install --no-deps k-diffusion && pip install 'dbl[solvers]'"
 
 
 def sigma_grid(
@@ -66,7 +88,39 @@ def heun_step(denoiser: Denoiser, z: torch.Tensor, s: torch.Tensor, s_next: torc
     return z + (s_next - s) * (slope + slope_next) / 2
 
 
-SOLVERS = {"euler": euler_step, "heun": heun_step}
+STEPS = {"euler": euler_step, "heun": heun_step}
+SOLVERS: tuple[str, ...] = (*STEPS, *K_DIFFUSION_SOLVERS)
+
+
+def check_solver(solver: str) -> str:
+    """``solver`` if it is one of ``SOLVERS``, else a ValueError naming the choices."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    return solver
+
+
+def k_diffusion_sampling() -> types.ModuleType:
+    """k-diffusion's ``sampling`` module, imported without the package's ``__init__``.
+
+    The published wheel (0.1.1.post1) declares CLIP, clean-fid, kornia, wandb and a numpy<2 pin
+    (through dctorch) as dependencies, and its ``__init__`` imports all of them; numpy<2 breaks
+    pyarrow and so ``datasets``. The sampling module itself needs only scipy, torchdiffeq, torchsde
+    and tqdm (``dbl[solvers]``), so dbl installs the wheel with ``--no-deps`` and imports just that
+    module. A later ``import k_diffusion`` (with its full dependencies) still works.
+    """
+    name = "k_diffusion.sampling"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None:
+        raise ModuleNotFoundError(f"this solver comes from k-diffusion, which is not installed: {K_DIFFUSION_INSTALL}")
+    package = types.ModuleType("k_diffusion")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["k_diffusion"] = package
+    try:
+        return importlib.import_module(name)
+    finally:
+        del sys.modules["k_diffusion"]  # the real package (if ever imported) must run its own __init__
 
 
 def sample(
@@ -74,16 +128,27 @@ def sample(
     noise: torch.Tensor,
     sigmas: torch.Tensor,
     solver: str = "euler",
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Integrate the probability-flow ODE from z = noise * sigmas[0] down the grid ``sigmas``."""
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    step = SOLVERS[solver]
+    """Integrate from z = noise * sigmas[0] down the grid ``sigmas`` (descending, ending in 0).
+
+    ``generator`` draws the fresh noise of the stochastic solvers (``euler_ancestral``,
+    ``dpmpp_2s_ancestral``), on the CPU so that a seed gives the same samples on any device.
+    """
+    check_solver(solver)
     sigmas = sigmas.to(device=noise.device, dtype=torch.float32)
     z = noise * sigmas[0]
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        z = step(denoiser, z, s, s_next)
-    return z
+    if solver in STEPS:
+        step = STEPS[solver]
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            z = step(denoiser, z, s, s_next)
+        return z
+    solve = getattr(k_diffusion_sampling(), K_DIFFUSION_SOLVERS[solver])
+    kwargs = {}
+    if solver in STOCHASTIC_SOLVERS:
+        kwargs["noise_sampler"] = lambda sigma, sigma_next: torch.randn(z.shape, generator=generator).to(z)
+    # k-diffusion passes sigma * ones(N); every sample of a solver step shares one sigma
+    return solve(lambda x, sigma: denoiser(x, sigma[0]), z, sigmas, disable=True, **kwargs)
 
 
 def cfg_denoiser(

@@ -1,6 +1,6 @@
 """A Llama-style decoder (RoPE, RMSNorm, SwiGLU) with adaLN noise conditioning, for text.
 
-One network, two ways to train it (``dbl.training.text``):
+One network, two ways to train it (``dbl.training.autoregressive``):
 
 - **block-wise autoregressive diffusion** (DiffusionBlocks' LM1B model). Token i's embedding is
   diffused and denoised conditioned on the clean tokens < i. All positions train at once on the

@@ -146,6 +146,32 @@ class BlockwiseLightningModule(L.LightningModule):
     def on_validation_start(self) -> None:
         self.all_blocks_on_device()
 
+    def on_test_start(self) -> None:
+        self.all_blocks_on_device()
+
+    # -- what the engine knows about itself --------------------------------------------------
+    @property
+    def last_trained_block(self) -> int | None:
+        """The block the latest training step trained (None before the first step)."""
+        return self.schedule.block_at(self.global_step - 1) if self.global_step > 0 else None
+
+    @property
+    def block_steps(self) -> int:
+        """Block steps trained so far, all blocks together (checkpointed; after a merge of block-parallel
+        jobs, the sum of theirs)."""
+        return int(self.block_updates.sum())
+
+    @property
+    def layer_updates(self) -> int:
+        """Updates summed over layers: a block step of a block with n layers adds n. Equal layer-updates
+        is how block-wise and end-to-end runs are compared (method spec, section 4)."""
+        return sum(int(u) * n for u, n in zip(self.block_updates.tolist(), self.network.layers_per_block))
+
+    @property
+    def depth(self) -> int:
+        """Layers of the whole network, all blocks together."""
+        return sum(self.network.layers_per_block)
+
     @contextmanager
     def sampling_mode(self):
         """Every block on the device, the network in eval mode (no label dropout), no autograd."""
@@ -175,10 +201,31 @@ class BlockwiseLightningModule(L.LightningModule):
         """Loss of ``block`` on ``batch``, with noise drawn from that block's training range."""
         raise NotImplementedError
 
-    def example_batch(self, batch_size: int):
-        """Random data shaped like the task's batches, for ``tools/bench_memory.py`` and ``bench_speed.py``
-        (which measure memory and speed, not quality)."""
-        raise NotImplementedError(f"{type(self).__name__} has no example_batch(batch_size); the benchmarks need one")
+    def evaluation_step(self, batch, batch_idx: int, stage: str) -> None:
+        """One validation (``stage`` "val") or test ("test") batch: update and log the stage's metrics."""
+        raise NotImplementedError
+
+    def evaluation_epoch_end(self, stage: str) -> None:
+        """Log what a stage computes over the whole epoch (per-block metrics)."""
+
+    def example_batch(self, batch_size: int, seq_len: int | None = None):
+        """Random data shaped like the task's batches, on the CPU, for ``tools/bench_memory.py`` and
+        ``bench_speed.py`` (which measure memory and speed, not quality). ``seq_len``: the data's
+        sequence length, for tasks on sequences (None: the network's own)."""
+        raise NotImplementedError(f"{type(self).__name__} has no example_batch(batch_size, seq_len); the benchmarks need one")
+
+    # -- evaluation: one path for validation and test --------------------------------------
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self.evaluation_step(batch, batch_idx, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self.evaluation_step(batch, batch_idx, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self.evaluation_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.evaluation_epoch_end("test")
 
     # -- optimization ----------------------------------------------------------------------
     def parameter_groups(self) -> list[list[nn.Parameter]]:

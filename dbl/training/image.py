@@ -6,11 +6,14 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from dbl.diffusion.preconditioning import edm_scalings
-from dbl.diffusion.samplers import cfg_denoiser, sample
 from dbl.training.edm import EDMDiffusionModule
 from dbl.training.engine import BlockLoss
-from dbl.training.metrics import PerBlockMean
+from dbl.training.metrics import PerBlockMean, per_stage
+
+
+def _per_sample(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """sigma [N] shaped to broadcast against ``like`` [N, ...]."""
+    return sigma.view(-1, *[1] * (like.dim() - 1))
 
 
 class ImageDiffusionModule(EDMDiffusionModule):
@@ -32,58 +35,39 @@ class ImageDiffusionModule(EDMDiffusionModule):
     def __init__(self, network: nn.Module, overlap: float = 0.05, sample_steps: int = 50, cfg_scale: float = 2.0, **kwargs):
         super().__init__(network, overlap=overlap, sample_steps=sample_steps, **kwargs)
         self.sample_defaults["cfg_scale"] = cfg_scale
-        self.val_loss, self.val_mse = MeanMetric(), MeanMetric()
-        self.test_loss, self.test_mse = MeanMetric(), MeanMetric()
-        self.val_block_loss = PerBlockMean(self.num_blocks)
+        self.eval_metrics = per_stage(lambda: {"loss": MeanMetric(), "mse": MeanMetric(), "block_loss": PerBlockMean(self.num_blocks)})
 
-    # -- the denoiser ----------------------------------------------------------------------
-    def denoise(self, z: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None, block: int | None) -> torch.Tensor:
-        """D(z, sigma) with EDM preconditioning, computed by ``block`` (None: all layers)."""
-        sigma = sigma.to(z.dtype).expand(z.shape[0]) if sigma.dim() == 0 else sigma.to(z.dtype)
-        c = edm_scalings(sigma.view(-1, *[1] * (z.dim() - 1)), self.sigma_data)
-        raw = self.network(c.c_in * z, c.c_noise.flatten(), labels, block=block)
-        return c.c_skip * z + c.c_out * raw
-
+    # -- the objective ---------------------------------------------------------------------
     def per_sample_loss(self, x, labels, sigma, noise, block) -> torch.Tensor:
-        d = self.denoise(x + sigma.view(-1, *[1] * (x.dim() - 1)) * noise, sigma, labels, block)
+        """[N] squared error of ``block``'s denoised estimate of ``x`` noised at ``sigma`` with ``noise``."""
+        d = self.denoiser(x + _per_sample(sigma, x) * noise, sigma, labels, block=block)
         return (d.float() - x.float()).pow(2).flatten(1).mean(1)
 
     def block_loss(self, batch, block: int) -> BlockLoss:
         x, labels = batch
-        sigma = self.training_sigma(block, x.shape[0], x.device)
+        sigma = self.denoiser.training_sigma(block, x.shape[0], x.device)
         mse = self.per_sample_loss(x, labels, sigma, torch.randn_like(x), block)
         return BlockLoss(self.training_loss(mse, sigma), mse.mean(), sigma)
 
     # -- evaluation ------------------------------------------------------------------------
-    def _routed_loss(self, batch, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(owning block, unweighted mse, EDM-weighted loss) per sample; see ``routed_loss``."""
+    def evaluation_step(self, batch, batch_idx: int, stage: str) -> None:
+        """``<stage>/loss`` (lambda(sigma)-weighted, the paper's objective), ``<stage>/mse`` (unweighted)
+        and each block's share, over the full noise distribution (``routed_loss``). FID: ``dbl.callbacks.FID``."""
         x, labels = batch
 
-        def mse(idx, sigma, noise, block):
-            return self.per_sample_loss(x[idx], None if labels is None else labels[idx], sigma, noise.to(x), block)
+        def per_sample(index, sigma, noise, block):
+            return self.per_sample_loss(x[index], None if labels is None else labels[index], sigma, noise.to(x), block)
 
-        return self.routed_loss(mse, x.shape, batch_idx, x.device)
+        owner, mse, weighted = self.routed_loss(per_sample, x.shape, batch_idx, x.device)
+        metrics = self.eval_metrics[stage]
+        metrics["block_loss"].update(weighted, owner)
+        metrics["loss"].update(weighted)
+        metrics["mse"].update(mse)
+        self.log(f"{stage}/loss", metrics["loss"], prog_bar=True, batch_size=mse.shape[0])
+        self.log(f"{stage}/mse", metrics["mse"], batch_size=mse.shape[0])
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        """``val/loss`` (lambda(sigma)-weighted, the paper's objective), ``val/mse`` (unweighted) and
-        each block's share, over the full noise distribution (``routed_loss``)."""
-        owner, mse, weighted = self._routed_loss(batch, batch_idx)
-        self.val_block_loss.update(weighted, owner)
-        self.val_loss.update(weighted)
-        self.val_mse.update(mse)
-        self.log("val/loss", self.val_loss, prog_bar=True, batch_size=mse.shape[0])
-        self.log("val/mse", self.val_mse, batch_size=mse.shape[0])
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_per_block("val_loss", self.val_block_loss)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        """The validation loss on the test loader, as ``test/loss`` and ``test/mse`` (FID: ``dbl.callbacks.FID``)."""
-        _, mse, weighted = self._routed_loss(batch, batch_idx)
-        self.test_loss.update(weighted)
-        self.test_mse.update(mse)
-        self.log("test/loss", self.test_loss, batch_size=mse.shape[0])
-        self.log("test/mse", self.test_mse, batch_size=mse.shape[0])
+    def evaluation_epoch_end(self, stage: str) -> None:
+        self.log_per_block(f"{stage}_loss", self.eval_metrics[stage]["block_loss"])
 
     # -- sampling --------------------------------------------------------------------------
     @property
@@ -91,11 +75,15 @@ class ImageDiffusionModule(EDMDiffusionModule):
         net = self.network.net
         return (net.in_channels, net.input_size, net.input_size)
 
-    def example_batch(self, batch_size: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Random data of the right shape (for benchmarks that measure memory and speed, not quality)."""
-        x = torch.rand(batch_size, *self.image_shape, device=device) * 2 - 1
-        num_classes = getattr(self.network.net, "num_classes", 0)
-        return x, (torch.randint(0, num_classes, (batch_size,), device=device) if num_classes else None)
+    @property
+    def num_classes(self) -> int:
+        """Class labels the network is conditioned on (0: unconditional)."""
+        return getattr(self.network.net, "num_classes", 0)
+
+    def example_batch(self, batch_size: int, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Random images of the right shape and labels (``seq_len`` does not apply to images)."""
+        x = torch.rand(batch_size, *self.image_shape) * 2 - 1
+        return x, (torch.randint(0, self.num_classes, (batch_size,)) if self.num_classes else None)
 
     def sample(
         self,
@@ -117,19 +105,13 @@ class ImageDiffusionModule(EDMDiffusionModule):
         if n is None:
             raise ValueError("sample() needs labels or num_samples")
         noise = torch.randn((n, *self.image_shape), generator=generator).to(self.device)
-        sigmas = self.sigma_schedule(opts["num_steps"], opts["grid"])
-
-        def conditional(z, sigma, y):
-            return self.denoise(z, sigma, y, block=int(self.partition.block_of(sigma.cpu())))
-
-        if labels is None:
-            denoiser = lambda z, sigma: conditional(z, sigma, labels)  # noqa: E731
-        else:
+        sigmas = self.denoiser.sigmas(opts["num_steps"], opts["grid"])
+        null = None
+        if labels is not None:
             labels = labels.to(self.device)
             null = torch.full_like(labels, self.network.net.null_label)
-            denoiser = cfg_denoiser(conditional, labels, null, opts["cfg_scale"])
         with self.sampling_mode():
-            return sample(denoiser, noise, sigmas, opts["solver"])
+            return self.denoiser.sample(noise, sigmas, opts["solver"], labels, null, opts["cfg_scale"], generator)
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         """``batch``: labels (a tensor, or a tuple whose last item is labels); returns images in [-1, 1]."""

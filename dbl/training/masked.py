@@ -13,21 +13,21 @@ from typing import Literal
 import torch
 from torch import nn
 
+from dbl.denoisers import MaskedDenoiser
 from dbl.diffusion.masked import (
     MASKING_SCHEDULES,
     MaskingSchedule,
-    ancestral_sample,
+    TimePartition,
     estimate_nelbo,
     make_time_partition,
     mask_tokens,
     masked_cross_entropy,
     nelbo_integrand,
     sample_times,
-    uniform_in,
 )
 from dbl.errors import UsageError
 from dbl.training.engine import BlockLoss, BlockwiseLightningModule
-from dbl.training.metrics import BitsPerCharacter
+from dbl.training.metrics import BitsPerCharacter, per_stage
 
 
 class MaskedDiffusionModule(BlockwiseLightningModule):
@@ -73,18 +73,24 @@ class MaskedDiffusionModule(BlockwiseLightningModule):
             if not hasattr(self.network.net, attr):
                 raise TypeError(f"{type(self.network.net).__name__} is not a token denoiser: it has no `{attr}`")
         sample_times(1, eval_times, eval_time_sampling)  # validates both now, not at the first evaluation
+        if sample_steps < 1:
+            raise ValueError(f"sample_steps must be >= 1, got {sample_steps}")
         self.masking = MaskingSchedule(masking_schedule)
-        self.partition = make_time_partition(self.masking, self.num_blocks, overlap)
+        partition = make_time_partition(self.masking, self.num_blocks, overlap)
+        self.denoiser = MaskedDenoiser(self.network, partition, self.masking, self.network.net.mask_id)
         self.eval_times, self.eval_time_sampling, self.eval_seed = eval_times, eval_time_sampling, eval_seed
         self.sample_steps = sample_steps
         self.sample_length = sample_length or self.network.net.seq_len
-        self.val_bpc, self.test_bpc = BitsPerCharacter(), BitsPerCharacter()
-        # each block's share of the validation BPC (its t-interval's part of the integral); they sum to val/bpc
-        self.val_block_bpc = BitsPerCharacter(self.num_blocks)
+        # "block_bpc": each block's share of the BPC (its t-interval's part of the integral); they sum to bpc
+        self.eval_metrics = per_stage(lambda: {"bpc": BitsPerCharacter(), "block_bpc": BitsPerCharacter(self.num_blocks)})
+
+    @property
+    def partition(self) -> TimePartition:
+        return self.denoiser.partition
 
     @property
     def mask_id(self) -> int:
-        return self.network.net.mask_id
+        return self.denoiser.mask_id
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -92,31 +98,9 @@ class MaskedDiffusionModule(BlockwiseLightningModule):
         if data_vocab is not None and data_vocab != self.network.net.vocab_size:
             raise UsageError(f"the data has {data_vocab} symbols but the network's vocab_size is {self.network.net.vocab_size}")
 
-    # -- the denoiser ----------------------------------------------------------------------
-    def logits(self, z: torch.Tensor, t: torch.Tensor, block: int | None = None) -> torch.Tensor:
-        """Logits [N, L, V] for masked ids ``z`` at times ``t`` [N], computed by ``block`` (None: all layers)."""
-        return self.network(z, t.to(z.device, torch.float32), None, block=block)
-
-    def routed_logits(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Logits with each sequence's t handled by the block whose nominal interval holds it."""
-        owner = self.partition.block_of(t.detach().double().cpu())
-        blocks = owner.unique().tolist()
-        if len(blocks) == 1:
-            return self.logits(z, t, blocks[0])
-        owner = owner.to(z.device)
-        out = None
-        for block in blocks:
-            idx = owner == block
-            part = self.logits(z[idx], t[idx], block)
-            if out is None:
-                out = part.new_empty((z.shape[0], *part.shape[1:]))
-            out[idx] = part
-        return out
-
-    def example_batch(self, batch_size: int, seq_len: int | None = None, device: torch.device | str = "cpu"):
+    def example_batch(self, batch_size: int, seq_len: int | None = None):
         """Random ``(ids [N, seq_len],)``, default the network's length (for benchmarks)."""
-        length = seq_len or self.network.net.seq_len
-        return (torch.randint(0, self.network.net.vocab_size, (batch_size, length), device=device),)
+        return (torch.randint(0, self.network.net.vocab_size, (batch_size, seq_len or self.network.net.seq_len)),)
 
     @staticmethod
     def _ids(batch) -> torch.Tensor:
@@ -124,9 +108,9 @@ class MaskedDiffusionModule(BlockwiseLightningModule):
 
     def block_loss(self, batch, block: int) -> BlockLoss:
         x = self._ids(batch)
-        t = uniform_in(*self.partition.widened_range(block), x.shape[0], device=x.device)
+        t = self.denoiser.training_time(block, x.shape[0], x.device)
         z = mask_tokens(x, t, self.masking, self.mask_id)
-        ce = masked_cross_entropy(self.logits(z, t, block), x, z, self.mask_id)
+        ce = masked_cross_entropy(self.denoiser(z, t, block), x, z, self.mask_id)
         integrand = nelbo_integrand(ce, t, x.shape[1], self.masking)
         ce_per_masked = ce.sum() / (z == self.mask_id).sum().clamp(min=1)
         return BlockLoss(integrand.float().mean(), ce_per_masked.detach(), t)
@@ -136,35 +120,28 @@ class MaskedDiffusionModule(BlockwiseLightningModule):
         """ELBO integrand (nats per character, [N, K] float64) at K = ``eval_times`` values of t per
         sequence, and those t ([N, K]). The mean over K estimates -ELBO(x) / L without bias."""
         times = sample_times(x.shape[0], self.eval_times, self.eval_time_sampling, generator)
-        return estimate_nelbo(self.routed_logits, x, times, self.masking, self.mask_id, generator), times
+        return estimate_nelbo(self.denoiser, x, times, self.masking, self.mask_id, generator), times
 
     def _eval_generator(self, batch_idx: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.eval_seed * 1_000_003 + batch_idx)
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        """``val/bpc`` (and each block's share of it), t and masks seeded by the batch index."""
+    def evaluation_step(self, batch, batch_idx: int, stage: str) -> None:
+        """``<stage>/bpc``: the negative ELBO of every character, in bits per character, and each block's
+        share of it; t and masks seeded by the batch index."""
         x = self._ids(batch)
         with torch.no_grad():
             terms, times = self.nelbo_terms(x, self._eval_generator(batch_idx))
         length = x.shape[1]
-        self.val_bpc.update(terms.mean(1) * length, x.numel())
-        owner = self.partition.block_of(times).to(terms.device)
+        metrics = self.eval_metrics[stage]
+        metrics["bpc"].update(terms.mean(1) * length, x.numel())
         # each block's part of each sequence's nats: [N, K] terms spread over [N, B] by owner
         per_block = torch.zeros(*terms.shape[:1], self.num_blocks, dtype=terms.dtype, device=terms.device)
-        per_block.scatter_add_(1, owner, terms)
-        self.val_block_bpc.update(per_block / terms.shape[1] * length, x.numel())
-        self.log("val/bpc", self.val_bpc, prog_bar=True, batch_size=x.shape[0])
+        per_block.scatter_add_(1, self.denoiser.owner(times).to(terms.device), terms)
+        metrics["block_bpc"].update(per_block / terms.shape[1] * length, x.numel())
+        self.log(f"{stage}/bpc", metrics["bpc"], prog_bar=True, batch_size=x.shape[0])
 
-    def on_validation_epoch_end(self) -> None:
-        self.log_per_block("val_bpc", self.val_block_bpc)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        """``test/bpc``: negative ELBO of every character of the test split, in bits per character."""
-        x = self._ids(batch)
-        with torch.no_grad():
-            terms, _ = self.nelbo_terms(x, self._eval_generator(batch_idx))
-        self.test_bpc.update(terms.mean(1) * x.shape[1], x.numel())
-        self.log("test/bpc", self.test_bpc, prog_bar=True, batch_size=x.shape[0])
+    def evaluation_epoch_end(self, stage: str) -> None:
+        self.log_per_block(f"{stage}_bpc", self.eval_metrics[stage]["block_bpc"])
 
     # -- sampling --------------------------------------------------------------------------
     def sample(
@@ -179,10 +156,8 @@ class MaskedDiffusionModule(BlockwiseLightningModule):
         Each step calls only the block that owns the current t; ``num_steps`` does not depend on B.
         """
         with self.sampling_mode():
-            return ancestral_sample(
-                self.routed_logits, num_samples, length or self.sample_length, self.masking, self.mask_id,
-                num_steps or self.sample_steps, generator, device=self.device,
-            )
+            return self.denoiser.sample(num_samples, length or self.sample_length, num_steps or self.sample_steps,
+                                        generator, self.device)
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         """``batch``: any tensor whose length is the number of samples; returns token ids [N, L]."""

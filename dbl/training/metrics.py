@@ -8,8 +8,10 @@ happened to visit, so no rank waits on a collective that another rank skips.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+from torch import nn
 from torchmetrics import Metric
 
 
@@ -60,3 +62,15 @@ class BitsPerCharacter(Metric):
 
     def compute(self) -> torch.Tensor:
         return self.nats / self.chars / math.log(2)
+
+
+STAGES: tuple[str, ...] = ("val", "test")
+
+
+def per_stage(make: Callable[[], dict[str, Metric]]) -> nn.ModuleDict:
+    """The same metrics, once for validation and once for test: ``metrics[stage][name]``.
+
+    Evaluation runs one step for both stages (``BlockwiseLightningModule.evaluation_step``); each
+    stage keeps its own states, so a test run in the middle of a fit never mixes with validation.
+    """
+    return nn.ModuleDict({stage: nn.ModuleDict(make()) for stage in STAGES})

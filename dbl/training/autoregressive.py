@@ -1,4 +1,5 @@
-"""Language modelling with the ``Llama`` decoder: block-wise autoregressive diffusion and its baseline.
+"""Autoregressive language modelling with the ``Llama`` decoder: block-wise AR diffusion and its baseline
+(the LM1B task).
 
 - ``ARDiffusionLMModule``: DiffusionBlocks' autoregressive text model. Token i's normalised
   embedding is noised with a per-sample sigma from the active block's widened range and denoised
@@ -11,7 +12,7 @@ block, so both runs share the optimizer and LR-scheduler code, gradient clipping
 checkpoint format, and "equal layer-updates" is read off the same ``block_updates`` counter.
 
 Batches are ``(tokens [N, T] long, loss_mask [N, T])`` from ``dbl.data.LM1BDataModule``.
-Free-running generation is in ``dbl.models.generate``; ``dbl.callbacks.GenerationMetrics`` scores it.
+Free-running generation is in ``dbl.denoisers.text``; ``dbl.callbacks.GenerationMetrics`` scores it.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 
-from dbl.diffusion.preconditioning import edm_scalings
+from dbl.denoisers.text import generate_ar_diffusion, generate_next_token
 from dbl.errors import UsageError
-from dbl.models.generate import generate_ar_diffusion, generate_next_token
 from dbl.models.llama import ARInput
 from dbl.training.edm import EDMDiffusionModule
 from dbl.training.engine import BlockLoss, BlockwiseLightningModule
-from dbl.training.metrics import PerBlockMean
+from dbl.training.metrics import PerBlockMean, per_stage
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -36,16 +36,12 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
-def s_like(sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """sigma [N] shaped to broadcast against ``noise`` [N, ...]."""
-    return sigma.view(-1, *[1] * (noise.dim() - 1)).to(noise.dtype)
+class _LanguageModel:
+    """What both LM1B tasks share, placed before the engine in their bases: the decoder and vocabulary
+    checks, the generation defaults, ``example_batch`` and ``predict_step``."""
 
-
-class _TextTask:
-    """What both text tasks share (a mixin before the engine in the bases): the decoder check,
-    generation defaults, ``predict_step`` and the validation/test hooks around ``_eval_step``."""
-
-    def _init_text(self, generate_tokens: int, temperature: float) -> None:
+    def __init__(self, network: nn.Module, generate_tokens: int = 64, temperature: float = 0.0, **kwargs):
+        super().__init__(network, **kwargs)
         for attr in ("token_vectors", "token_table", "denoised_logits"):
             if not hasattr(self.network.net, attr):
                 raise TypeError(f"{type(self.network.net).__name__} is not a text decoder like dbl.models.Llama: no `{attr}`")
@@ -63,10 +59,10 @@ class _TextTask:
             raise UsageError(f"the tokenizer has {vocab} tokens but the network's vocab_size is "
                              f"{self.network.net.vocab_size}; set network vocab_size >= {vocab}")
 
-    def example_batch(self, batch_size: int, seq_len: int = 256, device: torch.device | str = "cpu"):
-        """Random ``(tokens [N, seq_len], loss_mask)`` (for benchmarks that measure memory and speed)."""
-        tokens = torch.randint(0, self.network.net.vocab_size, (batch_size, seq_len), device=device)
-        return tokens, torch.ones(batch_size, seq_len, device=device)
+    def example_batch(self, batch_size: int, seq_len: int | None = None):
+        """Random ``(tokens [N, seq_len], loss_mask)``, default 256 tokens (for benchmarks)."""
+        tokens = torch.randint(0, self.network.net.vocab_size, (batch_size, seq_len or 256))
+        return tokens, torch.ones(tokens.shape)
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         """``batch``: prompts [N, p] of equal length (or a tuple whose first item is that)."""
@@ -74,20 +70,8 @@ class _TextTask:
         gen = torch.Generator().manual_seed(batch_idx)
         return {"prompt": prompt, "continuation": self.generate(prompt, generator=gen)}
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "val")
 
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
-
-
-class ARDiffusionLMModule(_TextTask, EDMDiffusionModule):
+class ARDiffusionLMModule(_LanguageModel, EDMDiffusionModule):
     """Autoregressive diffusion in embedding space, each block trained on its slice of the noise range.
 
     Args:
@@ -114,53 +98,53 @@ class ARDiffusionLMModule(_TextTask, EDMDiffusionModule):
     ):
         if not kwargs.get("shared_io", True):
             raise ValueError("ARDiffusionLMModule needs shared_io: true (the diffusion targets are the shared token table's rows)")
-        super().__init__(network, overlap=overlap, sample_steps=sample_steps, **kwargs)
-        self._init_text(generate_tokens, temperature)
-        self.eval_loss, self.eval_ce = MeanMetric(), MeanMetric()
-        self.eval_block_ce = PerBlockMean(self.num_blocks)
+        super().__init__(network, overlap=overlap, sample_steps=sample_steps, temperature=temperature,
+                         generate_tokens=generate_tokens, **kwargs)
+        self.eval_metrics = per_stage(lambda: {"loss": MeanMetric(), "ce": MeanMetric(), "block_ce": PerBlockMean(self.num_blocks)})
 
     # -- the objective ---------------------------------------------------------------------
     def logits(self, tokens: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, block: int | None) -> torch.Tensor:
-        """[N, T, V] logits of every token from its noisy embedding (sigma [N]) and the clean tokens before it."""
+        """[N, T, V] logits of every token from ``block``'s denoised estimate of its embedding, noised at
+        sigma [N] with ``noise``, given the clean tokens before it."""
         net = self.network.net
-        s = edm_scalings(sigma.view(-1, 1, 1), self.sigma_data)
-        z = net.token_vectors(tokens) + s_like(sigma, noise) * noise
-        raw = self.network(s.c_in * z, s.c_noise.flatten(), ARInput(tokens), block=block)
-        return net.denoised_logits(s.c_skip * z + s.c_out * raw)
+        z = net.token_vectors(tokens) + sigma.view(-1, 1, 1).to(noise.dtype) * noise
+        return net.denoised_logits(self.denoiser(z, sigma, ARInput(tokens), block=block))
 
     def per_sample_ce(self, tokens, loss_mask, sigma, noise, block) -> torch.Tensor:
+        """[N] cross-entropy of ``logits`` against the tokens, mean over ``loss_mask``."""
         logits = self.logits(tokens, sigma, noise, block)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none").view_as(tokens)
         return _masked_mean(ce, loss_mask)
 
     def block_loss(self, batch, block: int) -> BlockLoss:
         tokens, loss_mask = batch
-        sigma = self.training_sigma(block, tokens.shape[0], tokens.device)
+        sigma = self.denoiser.training_sigma(block, tokens.shape[0], tokens.device)
         noise = torch.randn((*tokens.shape, self.network.net.hidden_size), device=tokens.device)
         ce = self.per_sample_ce(tokens, loss_mask, sigma, noise, block)
         return BlockLoss(self.training_loss(ce, sigma), ce.mean(), sigma)
 
     # -- evaluation ------------------------------------------------------------------------
-    def _eval_step(self, batch, batch_idx: int, stage: str) -> None:
+    def evaluation_step(self, batch, batch_idx: int, stage: str) -> None:
         """``<stage>/loss`` (lambda(sigma)-weighted), ``<stage>/ce`` (unweighted) and each block's CE,
         over the full noise distribution (``routed_loss``). Neither is a likelihood: score
         generations with ``dbl.callbacks.GenerationMetrics``.
         """
         tokens, loss_mask = batch
 
-        def per_sample_ce(idx, sigma, noise, block):
-            return self.per_sample_ce(tokens[idx], loss_mask[idx], sigma, noise, block)
+        def per_sample(index, sigma, noise, block):
+            return self.per_sample_ce(tokens[index], loss_mask[index], sigma, noise, block)
 
         noise_shape = (*tokens.shape, self.network.net.hidden_size)
-        owner, ce, weighted = self.routed_loss(per_sample_ce, noise_shape, batch_idx, tokens.device)
-        self.eval_block_ce.update(ce, owner)
-        self.eval_loss.update(weighted)
-        self.eval_ce.update(ce)
-        self.log(f"{stage}/loss", self.eval_loss, prog_bar=True, batch_size=tokens.shape[0])
-        self.log(f"{stage}/ce", self.eval_ce, batch_size=tokens.shape[0])
+        owner, ce, weighted = self.routed_loss(per_sample, noise_shape, batch_idx, tokens.device)
+        metrics = self.eval_metrics[stage]
+        metrics["block_ce"].update(ce, owner)
+        metrics["loss"].update(weighted)
+        metrics["ce"].update(ce)
+        self.log(f"{stage}/loss", metrics["loss"], prog_bar=True, batch_size=tokens.shape[0])
+        self.log(f"{stage}/ce", metrics["ce"], batch_size=tokens.shape[0])
 
-    def _eval_epoch_end(self, stage: str) -> None:
-        self.log_per_block(f"{stage}_ce", self.eval_block_ce)
+    def evaluation_epoch_end(self, stage: str) -> None:
+        self.log_per_block(f"{stage}_ce", self.eval_metrics[stage]["block_ce"])
 
     # -- generation ------------------------------------------------------------------------
     def generate(
@@ -176,16 +160,15 @@ class ARDiffusionLMModule(_TextTask, EDMDiffusionModule):
     ) -> torch.Tensor:
         """Continue ``prompt`` [N, p]; [N, num_tokens]. Unset options take the module's defaults."""
         opts = self.sampler_options(num_steps=num_steps, solver=solver, grid=grid)
-        sigmas = self.sigma_schedule(opts["num_steps"], opts["grid"])
+        sigmas = self.denoiser.sigmas(opts["num_steps"], opts["grid"])
         with self.sampling_mode():
             return generate_ar_diffusion(
-                self.network, self.partition, prompt.to(self.device), num_tokens or self.generate_tokens, sigmas,
-                opts["solver"], self.sigma_data, self.temperature if temperature is None else temperature,
-                generator, use_cache,
+                self.denoiser, prompt.to(self.device), num_tokens or self.generate_tokens, sigmas, opts["solver"],
+                self.temperature if temperature is None else temperature, generator, use_cache,
             )
 
 
-class NextTokenLMModule(_TextTask, BlockwiseLightningModule):
+class NextTokenLMModule(_LanguageModel, BlockwiseLightningModule):
     """The same decoder trained end to end with next-token cross-entropy: the paper's baseline.
 
     It is the engine with ``num_blocks: 1`` (set here; any other value is an error), so optimizer,
@@ -203,9 +186,8 @@ class NextTokenLMModule(_TextTask, BlockwiseLightningModule):
     def __init__(self, network: nn.Module, temperature: float = 0.0, generate_tokens: int = 64, num_blocks: int = 1, **kwargs):
         if num_blocks != 1:
             raise ValueError(f"NextTokenLMModule trains end to end: num_blocks must be 1, got {num_blocks}")
-        super().__init__(network, num_blocks=1, **kwargs)
-        self._init_text(generate_tokens, temperature)
-        self.eval_nll, self.eval_tokens = SumMetric(), SumMetric()
+        super().__init__(network, temperature=temperature, generate_tokens=generate_tokens, num_blocks=1, **kwargs)
+        self.eval_metrics = per_stage(lambda: {"nll": SumMetric(), "tokens": SumMetric()})
 
     def token_nll(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """[N, T-1] NLL of tokens 1..T-1 given their prefix, and the mask of positions that count."""
@@ -219,17 +201,19 @@ class NextTokenLMModule(_TextTask, BlockwiseLightningModule):
         loss = (nll * mask).sum() / mask.sum().clamp(min=1)
         return BlockLoss(loss, loss, torch.zeros(nll.shape[0], device=nll.device))  # noise level 0: no diffusion
 
-    def _eval_step(self, batch, batch_idx: int, stage: str) -> None:
+    def evaluation_step(self, batch, batch_idx: int, stage: str) -> None:
         nll, mask = self.token_nll(batch)
-        self.eval_nll.update((nll * mask).sum())
-        self.eval_tokens.update(mask.sum())
+        metrics = self.eval_metrics[stage]
+        metrics["nll"].update((nll * mask).sum())
+        metrics["tokens"].update(mask.sum())
 
-    def _eval_epoch_end(self, stage: str) -> None:
-        ce = self.eval_nll.compute() / self.eval_tokens.compute().clamp(min=1)
+    def evaluation_epoch_end(self, stage: str) -> None:
+        metrics = self.eval_metrics[stage]
+        ce = metrics["nll"].compute() / metrics["tokens"].compute().clamp(min=1)
         self.log(f"{stage}/ce", ce, prog_bar=True)
         self.log(f"{stage}/ppl", ce.exp(), prog_bar=True)
-        self.eval_nll.reset()
-        self.eval_tokens.reset()
+        metrics["nll"].reset()
+        metrics["tokens"].reset()
 
     def generate(
         self,

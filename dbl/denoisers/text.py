@@ -1,23 +1,25 @@
-"""Free-running text generation with a ``Llama`` (no Lightning): block-wise diffusion and next-token.
+"""Free-running text generation with a ``Llama`` decoder: block-chain diffusion and next-token.
 
-Block-wise autoregressive diffusion: for every new token, start from noise at sigma_max and run
-the probability-flow ODE down the sigma grid; each solver step calls only the block whose
-nominal range holds the current sigma, with the clean prefix as context. The denoised estimate
-at a step is softmax(logits) @ E with the same normalised table the model was trained on; the
-token is taken from the logits of the last denoiser call (argmax, or a sample at ``temperature``).
+Block-wise autoregressive diffusion (method spec, section 6): for every new token, start from
+noise at sigma_max and integrate down the sigma grid; each solver step calls only the block that
+owns the current sigma (``EDMDenoiser``), with the clean prefix as context. The denoised estimate
+a solver sees is softmax(logits) @ E with the same normalised table the model was trained on; the
+token is taken from the logits of the LAST denoiser call (argmax, or a sample at ``temperature``).
 
 With ``use_cache`` each block keeps the keys/values of its own clean stream (``KVCache``): the
 prompt is run once per block, each new token is appended once per block, and a solver step costs
 one noisy row attending to the cache. Without it every step recomputes the whole prefix (the
 reference the cache is tested against).
+
+The next-token baseline's decoding is here too, so that both sides of the comparison decode
+with the same ``pick_token``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dbl.diffusion.partition import NoisePartition
-from dbl.diffusion.preconditioning import edm_scalings
+from dbl.denoisers.edm import EDMDenoiser
 from dbl.diffusion.samplers import sample
 from dbl.models.blockwise import BlockwiseNetwork
 from dbl.models.llama import ARInput, KVCache
@@ -34,6 +36,11 @@ def pick_token(logits: torch.Tensor, temperature: float, generator: torch.Genera
     return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
 
 
+def _check_prompt(prompt: torch.Tensor) -> None:
+    if prompt.dim() != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must be [N, p] with p >= 1 (start with a BOS token), got {tuple(prompt.shape)}")
+
+
 def _extend_prefix(network: BlockwiseNetwork, block: int | None, tokens: torch.Tensor, cache: KVCache) -> None:
     """Append ``tokens`` [N, m] to ``block``'s clean stream in ``cache`` (None: all layers)."""
     layers = network.net.layers if block is None else network.block_layers(block)
@@ -44,23 +51,21 @@ def _extend_prefix(network: BlockwiseNetwork, block: int | None, tokens: torch.T
 
 @torch.no_grad()
 def generate_ar_diffusion(
-    network: BlockwiseNetwork,
-    partition: NoisePartition,
+    denoiser: EDMDenoiser,
     prompt: torch.Tensor,
     num_tokens: int,
     sigmas: torch.Tensor,
     solver: str = "euler",
-    sigma_data: float = 0.5,
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
 ) -> torch.Tensor:
     """Continue ``prompt`` [N, p] (p >= 1) by ``num_tokens`` tokens; returns [N, num_tokens].
 
-    ``sigmas``: the descending grid ending in 0 (``dbl.diffusion.samplers.sigma_grid``).
+    ``sigmas``: the descending grid ending in 0 (``EDMDenoiser.sigmas``).
     """
-    if prompt.dim() != 2 or prompt.shape[1] < 1:
-        raise ValueError(f"prompt must be [N, p] with p >= 1 (start with a BOS token), got {tuple(prompt.shape)}")
+    _check_prompt(prompt)
+    network = denoiser.network
     net = network.net
     n, device = prompt.shape[0], prompt.device
     caches = [KVCache() for _ in range(network.num_blocks)]
@@ -72,21 +77,19 @@ def generate_ar_diffusion(
         position = tokens.shape[1]
         last_logits: list[torch.Tensor] = []
 
-        def denoiser(z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            block = int(partition.block_of(sigma.cpu()))
-            s = edm_scalings(sigma.expand(n).view(n, 1, 1), sigma_data)
+        def estimate(z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            block = denoiser.block_at(sigma)
             if use_cache:
                 cond = ARInput(None, noisy_start=position, cache=caches[block])
             else:
                 cond = ARInput(tokens, noisy_start=position)
-            raw = network(s.c_in * z, s.c_noise.flatten(), cond, block=block)
-            logits = net.denoised_logits(s.c_skip * z + s.c_out * raw)
+            logits = net.denoised_logits(denoiser(z, sigma, cond, block=block))
             last_logits[:] = [logits]
             table = net.token_table()
             return logits.softmax(-1).to(table.dtype) @ table
 
         noise = torch.randn((n, 1, net.hidden_size), generator=generator).to(device=device, dtype=net.embedding.weight.dtype)
-        sample(denoiser, noise, sigmas, solver)
+        sample(estimate, noise, sigmas, solver, generator)
         new = pick_token(last_logits[0][:, -1], temperature, generator)
         tokens = torch.cat([tokens, new[:, None]], dim=1)
         if use_cache:
@@ -105,8 +108,7 @@ def generate_next_token(
     use_cache: bool = True,
 ) -> torch.Tensor:
     """Ordinary autoregressive decoding of an end-to-end next-token model; returns [N, num_tokens]."""
-    if prompt.dim() != 2 or prompt.shape[1] < 1:
-        raise ValueError(f"prompt must be [N, p] with p >= 1 (start with a BOS token), got {tuple(prompt.shape)}")
+    _check_prompt(prompt)
     cache = KVCache() if use_cache else None
     tokens, step_input = prompt, prompt
     for _ in range(num_tokens):
