@@ -78,13 +78,13 @@ def example_batch(module, datamodule, batch_size: int):
     """Random data of the experiment's shape: the task's ``example_batch``, at the data's sequence
     length for text (``data.init_args.seq_len``)."""
     seq_len = getattr(datamodule, "hparams", {}).get("seq_len") if datamodule is not None else None
-    return module.example_batch(batch_size, seq_len=seq_len) if seq_len else module.example_batch(batch_size)
+    return module.example_batch(batch_size, seq_len)
 
 
 def network_depth(config: str) -> int:
     # built end to end: any depth divides into one block
     cli = load_experiment(config, ["--model.init_args.num_blocks", "1"], portable_trainer=True)
-    return len(cli.model.network.net.layers)
+    return cli.model.depth
 
 
 class RepeatBatch(Dataset):
@@ -132,7 +132,7 @@ class StepTimer(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._sync(pl_module)
         self.times.append(time.perf_counter() - self._start)
-        self.blocks.append(pl_module.schedule.block_at(trainer.global_step - 1))
+        self.blocks.append(pl_module.last_trained_block)
 
 
 def measure_memory(config: str, variant: Variant, depth: int, batch_size: int, accelerator: str) -> dict:

@@ -281,12 +281,13 @@ def test_next_token_perplexity_is_exact():
     module = NextTokenLMModule(tiny_llama())
     tokens = torch.randint(0, module.network.net.vocab_size, (2, 6))
     mask = torch.tensor([[1.0] * 6, [1.0] * 4 + [0.0] * 2])
-    module._eval_step((tokens, mask), 0, "test")
+    module.evaluation_step((tokens, mask), 0, "test")
     logits = module.network(None, None, ARInput(tokens), block=0)
     logp = logits.log_softmax(-1)
     nll = [-logp[0, i, tokens[0, i + 1]] for i in range(5)] + [-logp[1, i, tokens[1, i + 1]] for i in range(3)]
     expected = torch.stack(nll).mean()
-    assert torch.allclose(module.eval_nll.compute() / module.eval_tokens.compute(), expected, atol=1e-5)
+    metrics = module.eval_metrics["test"]
+    assert torch.allclose(metrics["nll"].compute() / metrics["tokens"].compute(), expected, atol=1e-5)
 
 
 # -- metrics ---------------------------------------------------------------------------------

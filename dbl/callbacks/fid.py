@@ -156,7 +156,7 @@ class FID(L.Callback):
         return ReferenceImages(subset, {**reference.description, "n": self.reference_size}, reference.cache_dir)
 
     def _labels(self, pl_module, seed: int) -> torch.Tensor | None:
-        num_classes = getattr(pl_module.network.net, "num_classes", 0)
+        num_classes = pl_module.num_classes
         if not num_classes:
             return None
         gen = torch.Generator().manual_seed(seed)
@@ -224,7 +224,7 @@ class FID(L.Callback):
             for seed, scores in per_seed.items():
                 metrics.update({f"fid/{split}/seed{seed}": scores[f"fid/{split}"] for split in self.reference_splits})
         # at `dbl test` the trainer's step counter starts at 0; the module's buffer knows the training steps
-        trained_steps = int(pl_module.block_updates.sum()) if hasattr(pl_module, "block_updates") else trainer.global_step
+        trained_steps = pl_module.block_steps
         results = dict(
             stage=stage, trained_steps=trained_steps, num_samples=self.num_samples, seeds=self.seeds,
             reference_sizes={split: len(ref.dataset) for split, ref in reference_sets.items()},

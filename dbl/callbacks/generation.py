@@ -275,7 +275,7 @@ class GenerationMetrics(L.Callback):
         for key, value in metrics.items():
             pl_module.log(f"{stage}/{key}", value, batch_size=1, rank_zero_only=True)
         # named by the model's own training steps (trainer.global_step is 0 in `dbl test`)
-        self._write(trainer, f"{stage}_step{int(pl_module.block_updates.sum()):07d}", metrics, records)
+        self._write(trainer, f"{stage}_step{pl_module.block_steps:07d}", metrics, records)
         return metrics
 
     def _write(self, trainer: L.Trainer, step: str, metrics: dict, records: list[dict]) -> None:

@@ -45,8 +45,7 @@ class MemoryMonitor(L.Callback):
         if self._counter is None:
             return
         self._counter.__exit__(None, None, None)
-        step = trainer.global_step - 1  # the step just taken
-        block = pl_module.schedule.block_at(step)
+        step, block = trainer.global_step - 1, pl_module.last_trained_block  # the step just taken
         state = self._state
         record = {"step": step, "block": block, "activations": self._counter.bytes, **state,
                   "state": sum(state.values())}
