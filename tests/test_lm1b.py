@@ -13,8 +13,8 @@ import lightning as L
 import pytest
 import torch
 
-from dbl.callbacks.generation import (
-    GenerationMetrics,
+from dbl.callbacks.lm_generation import (
+    LMGenerationMetrics,
     continuation_texts,
     distinct_n,
     generative_perplexity,
@@ -322,7 +322,7 @@ def test_generation_metrics_and_jsonl(data_root, vocab_dir, judge_dir, tmp_path)
     dm = make_data(data_root, vocab_dir)
     torch.manual_seed(0)
     module = ARDiffusionLMModule(tiny_llama(), num_blocks=2, sample_steps=4)
-    metrics = GenerationMetrics(judge=str(judge_dir), num_prompts=12, prompt_length=4, continuation_length=6,
+    metrics = LMGenerationMetrics(judge=str(judge_dir), num_prompts=12, prompt_length=4, continuation_length=6,
                                 continuations_per_prompt=2, seeds=[0, 1], generation_batch_size=8)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_test_batches=1, default_root_dir=tmp_path, callbacks=[metrics])
@@ -362,7 +362,7 @@ def test_cli_fit_test_predict(data_root, vocab_dir, judge_dir, tmp_path, capsys)
     main(["fit", *common, "--trainer.max_steps", "4", "--trainer.limit_val_batches", "1"])
     ckpt = next(tmp_path.rglob("*.ckpt"))
     main(["test", *common, "--ckpt_path", str(ckpt), "--trainer.limit_test_batches", "1",
-          "--trainer.callbacks+=dbl.callbacks.GenerationMetrics", f"--trainer.callbacks.judge={judge_dir}",
+          "--trainer.callbacks+=dbl.callbacks.LMGenerationMetrics", f"--trainer.callbacks.judge={judge_dir}",
           "--trainer.callbacks.num_prompts=4", "--trainer.callbacks.prompt_length=4", "--trainer.callbacks.continuation_length=4"])
     assert next(tmp_path.glob("*generation_metrics.json"))
     main(["predict", *common, "--ckpt_path", str(ckpt),
@@ -412,7 +412,7 @@ def test_train_wordpiece_tool_makes_a_vocab_the_data_module_loads(data_root, tmp
 
 
 def test_a_local_model_path_that_does_not_exist_is_named(tmp_path):
-    from dbl.callbacks.generation import load_causal_lm
+    from dbl.callbacks.lm_generation import load_causal_lm
     from dbl.data.lm1b import load_tokenizer
     from dbl.errors import MissingDataError
 

@@ -107,8 +107,8 @@ def test_cli_round_trip(text8_root, tmp_path):
             "default_root_dir": str(tmp_path),
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs")}},
             "callbacks": [
-                {"class_path": "dbl.callbacks.TextSamples", "init_args": {"every_n_steps": 3, "num_samples": 2}},
-                {"class_path": "dbl.callbacks.TextPredictionWriter", "init_args": {"path": str(predictions)}},
+                {"class_path": "dbl.callbacks.MaskedTextSamples", "init_args": {"every_n_steps": 3, "num_samples": 2}},
+                {"class_path": "dbl.callbacks.MaskedTextPredictionWriter", "init_args": {"path": str(predictions)}},
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                  "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}},
             ],

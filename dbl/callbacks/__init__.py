@@ -2,13 +2,13 @@
 
 from dbl.callbacks.ema import EMA
 from dbl.callbacks.fid import FID
-from dbl.callbacks.generation import ContinuationWriter, GenerationMetrics
+from dbl.callbacks.lm_generation import ContinuationWriter, LMGenerationMetrics
+from dbl.callbacks.masked_text import MaskedTextPredictionWriter, MaskedTextSamples
 from dbl.callbacks.memory import MemoryMonitor
 from dbl.callbacks.on_exception import OnExceptionCheckpoint
 from dbl.callbacks.samples import ImagePredictionWriter, SampleGrid
-from dbl.callbacks.text import TextPredictionWriter, TextSamples
 
 __all__ = [
-    "EMA", "FID", "ContinuationWriter", "GenerationMetrics", "ImagePredictionWriter", "MemoryMonitor",
-    "OnExceptionCheckpoint", "SampleGrid", "TextPredictionWriter", "TextSamples",
+    "EMA", "FID", "ContinuationWriter", "LMGenerationMetrics", "ImagePredictionWriter", "MemoryMonitor",
+    "OnExceptionCheckpoint", "SampleGrid", "MaskedTextPredictionWriter", "MaskedTextSamples",
 ]

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dbl.errors import MissingDataError, UsageError
+from dbl.hub import from_pretrained
 
 FORMAT = "dbl-latents-v1"
 
@@ -46,7 +47,7 @@ def load_vae(name_or_path: str, subfolder: str | None = None, device: torch.devi
     except ImportError as err:
         raise ImportError("latent diffusion needs diffusers: pip install 'dbl[vae]' (or pip install diffusers)") from err
     kwargs = {"subfolder": subfolder} if subfolder else {}
-    return AutoencoderKL.from_pretrained(name_or_path, **kwargs).to(device).eval().requires_grad_(False)
+    return from_pretrained(AutoencoderKL.from_pretrained, name_or_path, "VAE", **kwargs).to(device).eval().requires_grad_(False)
 
 
 @torch.no_grad()

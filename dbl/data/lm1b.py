@@ -31,17 +31,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from dbl.errors import MissingDataError, UsageError
+from dbl.hub import from_pretrained, resolve
 
 ARCHIVE = "1-billion-word-language-modeling-benchmark-r13output.tar.gz"
 ARCHIVE_URL = f"http://www.statmt.org/lm-benchmark/{ARCHIVE}"
 TOP_DIR = "1-billion-word-language-modeling-benchmark-r13output"
 TRAIN_GLOB = "training-monolingual.tokenized.shuffled/news.en-*"
 HELDOUT_GLOB = "heldout-monolingual.tokenized.shuffled/news.en.heldout-*"
-
-
-def looks_like_a_path(name_or_path: str) -> bool:
-    """A local path rather than a hub id ("org/name"): absolute, home- or dot-relative."""
-    return str(name_or_path).startswith(("/", "~", "./", "../"))
 
 
 def load_tokenizer(name_or_path: str):
@@ -52,20 +48,10 @@ def load_tokenizer(name_or_path: str):
     """
     from transformers import AutoTokenizer, BertTokenizerFast
 
-    path = Path(name_or_path).expanduser()
-    if looks_like_a_path(name_or_path) and not path.exists():
-        raise MissingDataError(f"tokenizer directory {path} does not exist; give a local directory (e.g. one with a "
-                               "BERT vocab.txt from shared/tools/offline_assets.sh) or a hub id")
-    name_or_path = str(path) if path.exists() else name_or_path
+    path = Path(resolve(name_or_path, "tokenizer directory"))
     if path.is_dir() and (path / "vocab.txt").exists() and not (path / "tokenizer_config.json").exists():
         return BertTokenizerFast.from_pretrained(str(path))
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except OSError as err:
-        raise UsageError(
-            f"cannot load tokenizer {name_or_path!r} ({str(err).splitlines()[0]}); give a local directory "
-            "(e.g. one with a BERT vocab.txt from shared/tools/offline_assets.sh) or a reachable hub id"
-        ) from None
+    return from_pretrained(AutoTokenizer.from_pretrained, name_or_path, "tokenizer")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

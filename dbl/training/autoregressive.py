@@ -12,7 +12,7 @@ block, so both runs share the optimizer and LR-scheduler code, gradient clipping
 checkpoint format, and "equal layer-updates" is read off the same ``block_updates`` counter.
 
 Batches are ``(tokens [N, T] long, loss_mask [N, T])`` from ``dbl.data.LM1BDataModule``.
-Free-running generation is in ``dbl.denoisers.text``; ``dbl.callbacks.GenerationMetrics`` scores it.
+Free-running generation is in ``dbl.denoisers.text``; ``dbl.callbacks.LMGenerationMetrics`` scores it.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ class ARDiffusionLMModule(_LanguageModel, EDMDiffusionModule):
     def evaluation_step(self, batch, batch_idx: int, stage: str) -> None:
         """``<stage>/loss`` (lambda(sigma)-weighted), ``<stage>/ce`` (unweighted) and each block's CE,
         over the full noise distribution (``routed_loss``). Neither is a likelihood: score
-        generations with ``dbl.callbacks.GenerationMetrics``.
+        generations with ``dbl.callbacks.LMGenerationMetrics``.
         """
         tokens, loss_mask = batch
 

@@ -1,7 +1,7 @@
-"""Scoring free-running text: generative perplexity, MAUVE, diversity guards, and a JSONL of generations.
+"""Scoring the LM1B task's free-running text: generative perplexity, MAUVE, diversity guards, and a JSONL.
 
 Neither headline metric is enough alone: a model that repeats one likely phrase gets a low
-generative perplexity, and MAUVE on few samples is noisy. So ``GenerationMetrics`` reports both
+generative perplexity, and MAUVE on few samples is noisy. So ``LMGenerationMetrics`` reports both
 together with distinct-n and a repetition rate, each also for the human continuations of the
 same prompts, and writes every generation to a JSONL file a person can read.
 
@@ -40,8 +40,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from tqdm import tqdm
 
 from dbl.callbacks.paths import run_dir
-from dbl.data.lm1b import looks_like_a_path
-from dbl.errors import MissingDataError, UsageError
+from dbl.errors import UsageError
+from dbl.hub import from_pretrained
 
 
 def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
@@ -65,19 +65,8 @@ def load_causal_lm(name_or_path: str, kwargs: dict | None, device: torch.device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = dict(kwargs or {})
-    local = Path(name_or_path).expanduser()
-    if looks_like_a_path(name_or_path) and not local.exists():
-        raise MissingDataError(f"causal LM directory {local} does not exist; give a local directory "
-                               "(see shared/tools/offline_assets.sh) or a hub id")
-    name_or_path = str(local) if local.exists() else name_or_path
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    except OSError as err:
-        raise UsageError(
-            f"cannot load causal LM {name_or_path!r} ({str(err).splitlines()[0]}); give a local directory "
-            "(see shared/tools/offline_assets.sh) or a reachable hub id"
-        ) from None
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, name_or_path, "causal LM", **kwargs)
+    model = from_pretrained(AutoModelForCausalLM.from_pretrained, name_or_path, "causal LM", **kwargs)
     return model.to(device).eval(), tokenizer
 
 
@@ -159,7 +148,7 @@ def mauve_score(p_features: np.ndarray, q_features: np.ndarray, scaling_factor: 
     return float(out.mauve)
 
 
-class GenerationMetrics(L.Callback):
+class LMGenerationMetrics(L.Callback):
     """At the end of ``dbl test`` (and, with ``every_n_validations``, during training), generate
     continuations of held-out prompts and score them (see the module docstring for the protocol).
     Runs on global rank 0 only.
@@ -234,7 +223,7 @@ class GenerationMetrics(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module, stage: str) -> dict[str, float]:
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "generation_examples"):
-            raise UsageError("GenerationMetrics needs a data module with generation_examples (dbl.data.LM1BDataModule)")
+            raise UsageError("LMGenerationMetrics needs a data module with generation_examples (dbl.data.LM1BDataModule)")
         prompts, references = dm.generation_examples(self.num_prompts, self.prompt_length, self.continuation_length)
         prompt_texts = [dm.decode(p) for p in prompts.tolist()]
         reference_texts = continuation_texts(dm, prompts.tolist(), references.tolist())

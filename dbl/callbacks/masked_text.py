@@ -1,4 +1,5 @@
-"""Text samples: logged to TensorBoard during training, written to a file by ``dbl predict``.
+"""Samples of the masked-diffusion text task (text8): logged to TensorBoard during training, written to a
+file by ``dbl predict``.
 
 Both decode token ids with the datamodule's ``decode`` (``Text8DataModule.decode`` for text8).
 """
@@ -23,7 +24,7 @@ def _decoder(trainer: L.Trainer):
     return decode
 
 
-class TextSamples(L.Callback):
+class MaskedTextSamples(L.Callback):
     """Every ``every_n_steps`` training steps (and at the end), sample text and log it.
 
     The samples go to TensorBoard's Text tab (tag ``samples``) and, with ``save_txt``, to
@@ -74,7 +75,7 @@ class TextSamples(L.Callback):
         self.log_samples(trainer, pl_module)
 
 
-class TextPredictionWriter(BasePredictionWriter):
+class MaskedTextPredictionWriter(BasePredictionWriter):
     """Writes what ``dbl predict`` generates, one decoded sample per line, to ``path``.
 
     Args:
