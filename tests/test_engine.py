@@ -152,3 +152,38 @@ def test_fp16_mixed_precision_is_refused_with_the_way_out(tiny_module):
         m.on_fit_start()
     m._trainer = SimpleNamespace(precision="bf16-mixed")
     m.on_fit_start()
+
+
+class RecordLastTrained(L.Callback):
+    def __init__(self):
+        self.blocks = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.blocks.append(pl_module.last_trained_block)
+
+
+def test_engine_answers_which_block_trained_and_how_many_updates(tiny_module, image_batch, tmp_path):
+    m = tiny_module(layers_per_block=[1, 2, 3], block_schedule="phased", phase_steps=1)
+    assert (m.last_trained_block, m.block_steps, m.layer_updates, m.depth) == (None, 0, 0, 6)
+    recorder = RecordLastTrained()
+    fit(m, image_batch, 4, tmp_path, callbacks=[recorder])
+    assert recorder.blocks == [0, 1, 2, 0]  # the block each step trained, as seen right after it
+    assert m.block_updates.tolist() == [2, 1, 1]
+    assert (m.last_trained_block, m.block_steps, m.layer_updates) == (0, 4, 2 * 1 + 1 * 2 + 1 * 3)
+
+
+def test_k_diffusion_solver_steps_call_the_block_that_owns_each_sigma(tiny_module, monkeypatch):
+    from dbl.models.blockwise import BlockwiseNetwork
+
+    m = tiny_module()
+    calls, forward = [], BlockwiseNetwork.forward
+
+    def record(self, x, c_noise, cond=None, block=None):
+        calls.append((block, c_noise[0].item()))
+        return forward(self, x, c_noise, cond, block)
+
+    monkeypatch.setattr(BlockwiseNetwork, "forward", record)
+    m.sample(labels=torch.arange(2), num_steps=6, solver="dpmpp_2m", generator=torch.Generator().manual_seed(0))
+    sigmas = m.denoiser.sigmas(6)[:-1]
+    assert [b for b, _ in calls] == m.partition.block_of(sigmas).tolist() == [0, 0, 1, 1, 2, 2]
+    assert [c for _, c in calls] == pytest.approx((sigmas.float().log() / 4).tolist(), rel=1e-6)

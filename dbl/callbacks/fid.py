@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from dbl.callbacks.paths import run_dir
 from dbl.data.images import ReferenceImages, to_uint8
+from dbl.diffusion.samplers import check_solver
 from dbl.errors import UsageError
 from dbl.evaluation.fid import (
     INCEPTION,
@@ -98,6 +99,8 @@ class FID(L.Callback):
             raise ValueError(f"reference_size must be >= 2 or null, got {reference_size}")
         self.num_samples, self.reference_splits, self.seeds = num_samples, list(reference_splits), list(seeds)
         self.reference_size = reference_size
+        if solver is not None:
+            check_solver(solver)
         self.sampler = dict(num_steps=num_steps, solver=solver, grid=grid, cfg_scale=cfg_scale)
         self.batch_size, self.every_n_epochs = batch_size, every_n_epochs
         self.extractor_args = dict(name=feature_extractor, layer=feature_layer, weights_path=feature_extractor_weights_path,

@@ -14,6 +14,7 @@ from torchvision.utils import make_grid, save_image
 
 from dbl.callbacks.paths import run_dir
 from dbl.data.images import to_uint8
+from dbl.diffusion.samplers import check_solver
 
 
 class SampleGrid(L.Callback):
@@ -47,6 +48,8 @@ class SampleGrid(L.Callback):
     ):
         self.min_pixels = min_pixels
         self.every_n_steps, self.num_classes, self.per_class, self.seed = every_n_steps, num_classes, per_class, seed
+        if solver is not None:
+            check_solver(solver)
         self.sampler = dict(num_steps=num_steps, solver=solver, cfg_scale=cfg_scale)
         self.save_png = save_png
         self._last_step = -1

@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 
 from dbl.diffusion.sigma import LogNormal
+from dbl.errors import UsageError
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GridKind = Literal["cdf", "karras"]
@@ -93,9 +94,11 @@ SOLVERS: tuple[str, ...] = (*STEPS, *K_DIFFUSION_SOLVERS)
 
 
 def check_solver(solver: str) -> str:
-    """``solver`` if it is one of ``SOLVERS``, else a ValueError naming the choices."""
+    """``solver`` if it is one of ``SOLVERS`` and can run here, else a one-line error saying what to do."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    if solver in K_DIFFUSION_SOLVERS:
+        k_diffusion_sampling()
     return solver
 
 
@@ -113,7 +116,8 @@ def k_diffusion_sampling() -> types.ModuleType:
         return sys.modules[name]
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None:
-        raise ModuleNotFoundError(f"this solver comes from k-diffusion, which is not installed: {K_DIFFUSION_INSTALL}")
+        raise UsageError(f"solvers {', '.join(K_DIFFUSION_SOLVERS)} come from k-diffusion, which is not installed: "
+                         f"{K_DIFFUSION_INSTALL}")
     package = types.ModuleType("k_diffusion")
     package.__path__ = list(spec.submodule_search_locations)
     sys.modules["k_diffusion"] = package
