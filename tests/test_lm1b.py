@@ -373,6 +373,29 @@ def test_cli_fit_test_predict(data_root, vocab_dir, judge_dir, tmp_path, capsys)
     assert "the market =>" in capsys.readouterr().out
 
 
+def test_checkpoint_saved_under_the_old_module_path_still_loads(data_root, vocab_dir, tmp_path):
+    """Runs saved before the LM1B task moved to dbl.training.autoregressive carry the old class path."""
+    from dbl.cli import main
+
+    common = [
+        "--model", "dbl.training.autoregressive.NextTokenLMModule", "--model.network", "dbl.models.llama.Llama",
+        "--model.network.vocab_size", str(len(WORDS) + 5), "--model.network.hidden_size", "32",
+        "--model.network.depth", "2", "--model.network.num_heads", "2",
+        "--data", "dbl.data.LM1BDataModule", "--data.root", str(data_root), "--data.download", "false",
+        "--data.tokenizer", str(vocab_dir), "--data.seq_len", "16", "--data.batch_size", "4", "--data.val_sentences", "8",
+        "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.limit_val_batches", "1",
+    ]
+    main(["fit", *common, "--trainer.max_steps", "2"])
+    state = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)
+    assert state["hyper_parameters"]["_class_path"] == "dbl.training.autoregressive.NextTokenLMModule"
+    state["hyper_parameters"]["_class_path"] = "dbl.training.text.NextTokenLMModule"
+    old = tmp_path / "old.ckpt"
+    torch.save(state, old)
+    main(["validate", *common, "--ckpt_path", str(old)])
+    assert type(NextTokenLMModule.load_from_checkpoint(old)).__name__ == "NextTokenLMModule"
+
+
 def test_cli_reports_vocab_mismatch(data_root, vocab_dir, tmp_path, capsys):
     from dbl.cli import main
 

@@ -27,15 +27,18 @@ def test_per_block_bits_per_character_shares_add_up_to_the_whole():
     assert shares.compute().sum().item() == pytest.approx(whole.compute().item())
 
 
-def test_masked_validation_logs_block_shares_that_sum_to_val_bpc(tmp_path):
+def test_masked_evaluation_logs_block_shares_that_sum_to_the_bpc(tmp_path):
     module = make_module()
     data = TensorDataset(torch.randint(0, 27, (24, 32), generator=torch.Generator().manual_seed(0)))
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path)
-    metrics = trainer.validate(module, DataLoader(data, batch_size=8), verbose=False)[0]
-    shares = [metrics[f"val_bpc/block{b}"] for b in range(3)]
-    assert all(s > 0 for s in shares)
-    assert sum(shares) == pytest.approx(metrics["val/bpc"], rel=1e-5)
+    val = trainer.validate(module, DataLoader(data, batch_size=8), verbose=False)[0]
+    test = trainer.test(module, DataLoader(data, batch_size=8), verbose=False)[0]
+    for stage, metrics in (("val", val), ("test", test)):  # one evaluation step serves both stages
+        shares = [metrics[f"{stage}_bpc/block{b}"] for b in range(3)]
+        assert all(s > 0 for s in shares)
+        assert sum(shares) == pytest.approx(metrics[f"{stage}/bpc"], rel=1e-5)
+    assert test["test/bpc"] == val["val/bpc"]  # same data, same seeded t and masks
 
 
 @pytest.mark.parametrize("num_blocks", [1, 3])

@@ -23,9 +23,12 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from dbl.benchmark import default_accelerator
 from dbl.callbacks import FID
 from dbl.cli import load_experiment
 from dbl.denoisers import EDMDenoiser
+from dbl.diffusion.samplers import SOLVERS, check_solver
+from dbl.errors import UsageError
 
 
 class SamplingCalls:
@@ -61,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--ckpt_path", required=True)
-    parser.add_argument("--solvers", nargs="+", default=["euler", "heun", "dpmpp_2m"])
+    parser.add_argument("--solvers", nargs="+", default=["euler", "heun", "dpmpp_2m"], choices=SOLVERS)
     parser.add_argument("--steps", nargs="+", type=int, default=[10, 20, 50])
     parser.add_argument("--num-samples", type=int, default=500)
     parser.add_argument("--reference-size", type=int, default=1000)
@@ -71,6 +74,11 @@ def main() -> None:
     args = parser.parse_args()
     if not Path(args.ckpt_path).is_file():
         parser.error(f"--ckpt_path {args.ckpt_path} does not exist")
+    try:
+        for solver in args.solvers:
+            check_solver(solver)
+    except UsageError as err:
+        parser.error(str(err))
     warnings.filterwarnings("ignore", message=".*(LeafSpec|does not have many workers|smaller than the logging).*")
 
     cli = load_experiment(args.config, portable_trainer=True)
@@ -81,7 +89,7 @@ def main() -> None:
         for steps in args.steps:
             fid = FID(num_samples=args.num_samples, reference_splits=["test"], reference_size=args.reference_size,
                       seeds=[args.seed], batch_size=args.batch_size, num_steps=steps, solver=solver)
-            trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+            trainer = L.Trainer(accelerator=default_accelerator(), devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
                                 callbacks=[fid], limit_test_batches=1, default_root_dir=str(Path(args.ckpt_path).parent))
             started = time.perf_counter()
             with SamplingCalls(module) as counter:

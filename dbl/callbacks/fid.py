@@ -159,7 +159,7 @@ class FID(L.Callback):
         return ReferenceImages(subset, {**reference.description, "n": self.reference_size}, reference.cache_dir)
 
     def _labels(self, pl_module, seed: int) -> torch.Tensor | None:
-        num_classes = pl_module.num_classes
+        num_classes = getattr(pl_module, "num_classes", 0)
         if not num_classes:
             return None
         gen = torch.Generator().manual_seed(seed)

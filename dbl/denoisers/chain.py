@@ -38,7 +38,8 @@ class BlockChain:
 
     def block_at(self, level: torch.Tensor | float) -> int:
         """The one block that owns ``level`` (a scalar, or a batch at a single noise level)."""
-        blocks = self.owner(torch.as_tensor(level).flatten()).unique().tolist()
+        # on the CPU: one copy of the levels per solver step, no round trip of the block ids
+        blocks = self.partition.block_of(torch.as_tensor(level).detach().flatten().cpu()).unique().tolist()
         if len(blocks) != 1:
             raise ValueError(f"these noise levels belong to blocks {blocks}; one call runs one block: use route()")
         return blocks[0]
@@ -46,11 +47,11 @@ class BlockChain:
     def route(self, level: torch.Tensor, fn: RoutedFn) -> torch.Tensor:
         """Evaluate ``fn`` on each owning block's share of a batch at noise levels ``level`` [N]
         and put the results back in batch order."""
-        owner = self.owner(level)
+        owner = self.partition.block_of(level.detach().cpu())
         blocks = owner.unique().tolist()
         if len(blocks) == 1:
             return fn(slice(None), blocks[0])
-        out = None
+        owner, out = owner.to(level.device), None
         for block in blocks:
             index = owner == block
             part = fn(index, block)

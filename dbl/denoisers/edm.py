@@ -39,6 +39,11 @@ class EDMDenoiser(BlockChain):
         lo, hi = self.partition.widened_range(block)
         return self.density.sample(n, lo, hi, generator=generator, device=device)
 
+    @staticmethod
+    def noised(y: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """z = y + sigma * noise, with sigma [N] broadcast over the rest of ``y`` [N, ...]."""
+        return y + sigma.view(-1, *[1] * (y.dim() - 1)).to(noise.dtype) * noise
+
     def __call__(self, z: torch.Tensor, sigma: torch.Tensor, cond=None, block: int | None = None) -> torch.Tensor:
         """The denoised estimate of ``z`` [N, ...] at ``sigma`` (0-dim, or [N]).
 
@@ -48,7 +53,7 @@ class EDMDenoiser(BlockChain):
         """
         if block is None:
             block = self.block_at(sigma)
-        sigma = sigma.to(z.dtype)
+        sigma = sigma.to(torch.promote_types(z.dtype, torch.float32))  # the scalings at least in float32
         if sigma.dim() == 0:
             sigma = sigma.expand(z.shape[0])
         c = edm_scalings(sigma.view(-1, *[1] * (z.dim() - 1)), self.sigma_data)

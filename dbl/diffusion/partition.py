@@ -39,7 +39,8 @@ def uniform_log_boundaries(num_blocks: int, sigma_min: float, sigma_max: float) 
 
 def uniform_linear_boundaries(num_blocks: int, sigma_min: float, sigma_max: float) -> list[float]:
     """Equal widths in sigma: what one passage of the paper writes."""
-    return [sigma_min + (sigma_max - sigma_min) * i / num_blocks for i in range(num_blocks + 1)]
+    inner = [sigma_min + (sigma_max - sigma_min) * i / num_blocks for i in range(1, num_blocks)]
+    return [sigma_min, *inner, sigma_max]  # exact ends: the chain reads its noise range from them
 
 
 def widen(lo: float, hi: float, overlap: float, floor: float, ceiling: float) -> tuple[float, float]:

@@ -21,7 +21,7 @@ import importlib.util
 import sys
 import types
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -30,7 +30,7 @@ from dbl.errors import UsageError
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GridKind = Literal["cdf", "karras"]
-Solver = Literal["euler", "heun", "dpmpp_2m", "euler_ancestral", "lms", "dpmpp_2s_ancestral"]
+Solver = Literal["euler", "heun", "dpmpp_2m", "euler_ancestral", "lms", "dpmpp_2s_ancestral"]  # = SOLVERS
 # dbl's name -> k-diffusion's sampling function
 K_DIFFUSION_SOLVERS = {
     "dpmpp_2m": "sample_dpmpp_2m",
@@ -39,7 +39,7 @@ K_DIFFUSION_SOLVERS = {
     "dpmpp_2s_ancestral": "sample_dpmpp_2s_ancestral",
 }
 STOCHASTIC_SOLVERS = ("euler_ancestral", "dpmpp_2s_ancestral")
-K_DIFFUSION_INSTALL = "pip install --no-deps k-diffusion && pip install 'dbl[solvers]'"
+K_DIFFUSION_INSTALL = "pip install --no-deps k-diffusion==0.1.1.post1 && pip install 'dbl[solvers]'"
 
 
 def sigma_grid(
@@ -90,7 +90,8 @@ def heun_step(denoiser: Denoiser, z: torch.Tensor, s: torch.Tensor, s_next: torc
 
 
 STEPS = {"euler": euler_step, "heun": heun_step}
-SOLVERS: tuple[str, ...] = (*STEPS, *K_DIFFUSION_SOLVERS)
+SOLVERS: tuple[str, ...] = get_args(Solver)
+assert SOLVERS == (*STEPS, *K_DIFFUSION_SOLVERS), "Solver must list the built-in steps, then k-diffusion's"
 
 
 def check_solver(solver: str) -> str:
@@ -123,6 +124,9 @@ def k_diffusion_sampling() -> types.ModuleType:
     sys.modules["k_diffusion"] = package
     try:
         return importlib.import_module(name)
+    except ImportError as err:
+        raise UsageError(f"k-diffusion's sampling module needs {err.name}, which is not installed: "
+                         "pip install 'dbl[solvers]'") from None
     finally:
         del sys.modules["k_diffusion"]  # the real package (if ever imported) must run its own __init__
 

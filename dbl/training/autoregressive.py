@@ -103,11 +103,11 @@ class ARDiffusionLMModule(_LanguageModel, EDMDiffusionModule):
         self.eval_metrics = per_stage(lambda: {"loss": MeanMetric(), "ce": MeanMetric(), "block_ce": PerBlockMean(self.num_blocks)})
 
     # -- the objective ---------------------------------------------------------------------
-    def logits(self, tokens: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, block: int | None) -> torch.Tensor:
+    def logits(self, tokens: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, block: int) -> torch.Tensor:
         """[N, T, V] logits of every token from ``block``'s denoised estimate of its embedding, noised at
         sigma [N] with ``noise``, given the clean tokens before it."""
         net = self.network.net
-        z = net.token_vectors(tokens) + sigma.view(-1, 1, 1).to(noise.dtype) * noise
+        z = self.denoiser.noised(net.token_vectors(tokens), sigma, noise)
         return net.denoised_logits(self.denoiser(z, sigma, ARInput(tokens), block=block))
 
     def per_sample_ce(self, tokens, loss_mask, sigma, noise, block) -> torch.Tensor:

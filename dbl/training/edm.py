@@ -18,7 +18,7 @@ from torch import nn
 from dbl.denoisers import EDMDenoiser
 from dbl.diffusion.partition import NoisePartition, make_partition
 from dbl.diffusion.preconditioning import check_loss_weighting, loss_weight, weighted_loss
-from dbl.diffusion.samplers import check_solver
+from dbl.diffusion.samplers import GridKind, Solver, check_solver
 from dbl.diffusion.sigma import LogNormal
 from dbl.training.engine import BlockwiseLightningModule
 
@@ -56,8 +56,8 @@ class EDMDiffusionModule(BlockwiseLightningModule):
         p_std: float = 1.2,
         sigma_data: float = 0.5,
         sample_steps: int = 50,
-        sample_solver: Literal["euler", "heun", "dpmpp_2m", "euler_ancestral", "lms", "dpmpp_2s_ancestral"] = "euler",
-        sample_grid: Literal["cdf", "karras"] = "cdf",
+        sample_solver: Solver = "euler",
+        sample_grid: GridKind = "cdf",
         **kwargs,
     ):
         super().__init__(network, **kwargs)

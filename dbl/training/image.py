@@ -11,11 +11,6 @@ from dbl.training.engine import BlockLoss
 from dbl.training.metrics import PerBlockMean, per_stage
 
 
-def _per_sample(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """sigma [N] shaped to broadcast against ``like`` [N, ...]."""
-    return sigma.view(-1, *[1] * (like.dim() - 1))
-
-
 class ImageDiffusionModule(EDMDiffusionModule):
     """EDM denoising of images, each block trained on its slice of the noise range.
 
@@ -38,9 +33,9 @@ class ImageDiffusionModule(EDMDiffusionModule):
         self.eval_metrics = per_stage(lambda: {"loss": MeanMetric(), "mse": MeanMetric(), "block_loss": PerBlockMean(self.num_blocks)})
 
     # -- the objective ---------------------------------------------------------------------
-    def per_sample_loss(self, x, labels, sigma, noise, block) -> torch.Tensor:
+    def per_sample_loss(self, x, labels, sigma, noise, block: int) -> torch.Tensor:
         """[N] squared error of ``block``'s denoised estimate of ``x`` noised at ``sigma`` with ``noise``."""
-        d = self.denoiser(x + _per_sample(sigma, x) * noise, sigma, labels, block=block)
+        d = self.denoiser(self.denoiser.noised(x, sigma, noise), sigma, labels, block=block)
         return (d.float() - x.float()).pow(2).flatten(1).mean(1)
 
     def block_loss(self, batch, block: int) -> BlockLoss:
