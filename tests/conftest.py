@@ -23,3 +23,12 @@ def tiny_module():
 def image_batch():
     gen = torch.Generator().manual_seed(0)
     return torch.rand(16, 1, 8, 8, generator=gen) * 2 - 1, torch.randint(0, 10, (16,), generator=gen)
+
+
+@pytest.fixture
+def one_thread():
+    """For tests of many tiny matmuls, which threads only slow down (10x on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

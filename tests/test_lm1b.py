@@ -56,13 +56,7 @@ def write_archive(root, train_copies=6, heldout_copies=3):
     return root / ARCHIVE
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many tiny matmuls, which threads only slow down (10x on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

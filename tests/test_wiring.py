@@ -93,13 +93,7 @@ def cdf_grid(num_steps: int) -> list[float]:
     return [SIGMA_MAX, *inner, SIGMA_MIN]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a busy 2-core machine: threads only slow them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

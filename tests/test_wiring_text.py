@@ -22,7 +22,6 @@ from test_wiring import (
     draw_sigma,
     edm,
     edm_boundaries,
-    one_thread,  # noqa: F401 (autouse fixture)
     owner,
     widened,
 )
@@ -31,6 +30,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from dbl.data.lm1b import LM1BDataModule, detokenizer
 from dbl.models.llama import ARInput, Llama
 from dbl.training import ARDiffusionLMModule, MaskedDiffusionModule, NextTokenLMModule
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- autoregressive diffusion and next-token (LM1B) ------------------------------------------
