@@ -5,7 +5,7 @@
         --solvers euler heun dpmpp_2m --steps 10 20 50 [--num-samples 500 --reference-size 1000]
 
 For each solver and step count: samples through the block chain (``dbl.callbacks.FID`` with those
-sampler settings; the experiment's CFG scale and grid), FID against the first ``--reference-size``
+sampler settings; the experiment's CFG scale, and its grid unless ``--grid``), FID against the first ``--reference-size``
 images of the test split, and the number of denoiser evaluations (NFE) one sample took, counted at
 the chain (a guided evaluation, which runs the conditional and unconditional batch together,
 counts once). The step count never depends on B: every step calls the one block that owns its sigma.
@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--ckpt_path", required=True)
     parser.add_argument("--solvers", nargs="+", default=["euler", "heun", "dpmpp_2m"], choices=SOLVERS)
     parser.add_argument("--steps", nargs="+", type=int, default=[10, 20, 50])
+    parser.add_argument("--grid", choices=["cdf", "karras"], default=None, help="sigma grid (default: the experiment's)")
     parser.add_argument("--num-samples", type=int, default=500)
     parser.add_argument("--reference-size", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=100)
@@ -88,19 +89,19 @@ def main() -> None:
     for solver in args.solvers:
         for steps in args.steps:
             fid = FID(num_samples=args.num_samples, reference_splits=["test"], reference_size=args.reference_size,
-                      seeds=[args.seed], batch_size=args.batch_size, num_steps=steps, solver=solver)
+                      seeds=[args.seed], batch_size=args.batch_size, num_steps=steps, solver=solver, grid=args.grid)
             trainer = L.Trainer(accelerator=default_accelerator(), devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
                                 callbacks=[fid], limit_test_batches=1, default_root_dir=str(Path(args.ckpt_path).parent))
             started = time.perf_counter()
             with SamplingCalls(module) as counter:
                 trainer.test(module, datamodule=datamodule, verbose=False)
-            row = dict(solver=solver, steps=steps, nfe=counter.calls / counter.samples,
+            row = dict(solver=solver, grid=args.grid or module.sample_defaults["grid"], steps=steps, nfe=counter.calls / counter.samples,
                        fid=float(trainer.callback_metrics["fid/test"]), seconds=round(time.perf_counter() - started, 1))
             rows.append(row)
-            print(f"{solver:>10} {steps:>3} steps  NFE {row['nfe']:>5.0f}  FID {row['fid']:.2f}", flush=True)
-    print("\n| solver | steps | NFE | FID |\n|---|---|---|---|")
+            print(f"{solver:>10} {row['grid']:>6} {steps:>3} steps  NFE {row['nfe']:>5.0f}  FID {row['fid']:.2f}", flush=True)
+    print("\n| solver | grid | steps | NFE | FID |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['solver']} | {r['steps']} | {r['nfe']:.0f} | {r['fid']:.1f} |")
+        print(f"| {r['solver']} | {r['grid']} | {r['steps']} | {r['nfe']:.0f} | {r['fid']:.1f} |")
     out = Path(args.out) if args.out else Path(args.ckpt_path).parent / "solver_fid.json"
     out.write_text(json.dumps(dict(config=args.config, ckpt_path=args.ckpt_path, num_samples=args.num_samples,
                                    reference_size=args.reference_size, seed=args.seed, rows=rows), indent=2))
