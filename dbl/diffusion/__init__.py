@@ -3,9 +3,11 @@
 - ``sigma``: the truncated log-normal density of noise levels (EDM's training density).
 - ``partition``: how the noise range is split among blocks, and which block owns a sigma.
 - ``preconditioning``: EDM's c_skip/c_out/c_in/c_noise and the loss weightings.
-- ``samplers``: sigma grids, Euler and Heun solvers, classifier-free guidance.
+- ``samplers``: sigma grids, Euler and Heun steps, k-diffusion's solvers, classifier-free guidance.
+- ``masked``: masked (absorbing-state) diffusion over tokens.
 
-Spec: ``docs/method.md`` points at the sections of the method description each function implements.
+Spec: ``diffusionblocks.md`` in the project's shared docs; each module names the sections it implements.
+The block chain that applies these to a network is ``dbl.denoisers``.
 """
 
 from dbl.diffusion.partition import NoisePartition, make_partition
