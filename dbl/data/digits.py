@@ -9,6 +9,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset, random_split
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 
 class DigitsDataModule(L.LightningDataModule):
@@ -41,7 +42,7 @@ class DigitsDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
+        return StatefulDataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
                           num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from dbl.data.images import ReferenceImages, default_cache_dir, is_writable
 from dbl.data.latents import LatentShardDataset, load_vae, read_meta
@@ -162,7 +163,7 @@ class ImageNetDataModule(L.LightningDataModule):
         return (base / "val").is_dir()
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self._dataset("train", True), batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
+        return StatefulDataLoader(self._dataset("train", True), batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
                           num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
 
     def _eval_loader(self) -> DataLoader:

@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from dbl.errors import UsageError
 
@@ -116,7 +117,7 @@ class InMemoryImageDataModule(L.LightningDataModule):
         return UInt8ImageDataset(self._images[split], self._labels[split], random_flip=train and self.hparams.random_flip)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self._dataset("train", True), batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
+        return StatefulDataLoader(self._dataset("train", True), batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
                           num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
 
     def _eval_loader(self, split: str) -> DataLoader:

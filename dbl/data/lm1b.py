@@ -29,6 +29,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from dbl.errors import MissingDataError, UsageError
 from dbl.hub import from_pretrained, resolve
@@ -262,7 +263,8 @@ class LM1BDataModule(L.LightningDataModule):
         if len(self.splits[split]) == 0:
             raise UsageError(f"the {split} split has no rows of seq_len={self.hparams.seq_len} tokens; lower seq_len")
         size = self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size or self.hparams.batch_size
-        return DataLoader(self.splits[split], batch_size=size, shuffle=shuffle, drop_last=shuffle, collate_fn=collate,
+        loader = StatefulDataLoader if split == "train" else DataLoader
+        return loader(self.splits[split], batch_size=size, shuffle=shuffle, drop_last=shuffle, collate_fn=collate,
                           num_workers=self.hparams.num_workers)
 
     def train_dataloader(self) -> DataLoader:

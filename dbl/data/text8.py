@@ -19,6 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from dbl.data.download import download
 from dbl.errors import UsageError
@@ -191,7 +192,7 @@ class Text8DataModule(L.LightningDataModule):
             data = RandomCrops(ids, hp.seq_len, hp.train_items or len(ids) // hp.seq_len)
         else:
             data = Chunks(ids[: len(ids) // hp.seq_len * hp.seq_len], hp.seq_len)
-        return DataLoader(data, batch_size=hp.batch_size, shuffle=not hp.random_crops, drop_last=True,
+        return StatefulDataLoader(data, batch_size=hp.batch_size, shuffle=not hp.random_crops, drop_last=True,
                           num_workers=hp.num_workers)
 
     def _eval_loader(self, split: str) -> DataLoader:
