@@ -17,8 +17,9 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from dbl.errors import UsageError
+from dbl.errors import DivergenceError, UsageError
 from dbl.training.engine import BlockwiseLightningModule
 
 
@@ -42,6 +43,40 @@ def condense(message: str) -> str:
     return f"{'.'.join(keys)}: {reason}" if keys else reason
 
 
+def config_syntax_error(message: str, args) -> str | None:
+    """For jsonargparse's "Problems parsing config" (YAML that does not parse): ``<file>:<line>: <problem>``
+    for the first ``--config`` file that does not parse; None when no file is to blame."""
+    if not message.startswith("Problems parsing config"):
+        return None
+    import yaml
+
+    args = list(sys.argv[1:] if args is None else args)
+    paths = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
+    paths += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    for path in paths:
+        try:
+            yaml.safe_load(Path(path).read_text())
+        except OSError:
+            continue
+        except yaml.MarkedYAMLError as err:
+            mark = err.context_mark or err.problem_mark
+            where = f"{path}:{mark.line + 1}" if mark is not None else path
+            what = "; ".join(str(x) for x in (err.context, err.problem) if x)
+            return f"{where}: YAML syntax error ({what}{f', line {err.problem_mark.line + 1}' if err.problem_mark else ''}); fix the file"
+        except yaml.YAMLError as err:
+            return f"{path}: YAML error ({str(err).splitlines()[0]}); fix the file"
+    return None
+
+
+def usage_line(err: Exception) -> str:
+    """A UsageError's message as one line; raised in a DataLoader worker, it arrives wrapped in the
+    worker's traceback, whose last line holds the message."""
+    message = str(err).strip()
+    if "Original Traceback" in message:
+        message = message.splitlines()[-1].split("Error: ", 1)[-1]
+    return " ".join(message.splitlines())
+
+
 # --ckpt_path values that Lightning resolves itself (also "registry:<name>" and URLs)
 _CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 
@@ -61,6 +96,10 @@ class DBLCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "info": {"model", "datamodule"}}
 
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--fresh", type=bool, default=False,
+                            help="fit: start from step 0 even if this experiment has checkpoints to resume from")
+
     def _parse_ckpt_path(self) -> None:
         # LightningCLI replaces the model's configuration with the hyperparameters stored in
         # --ckpt_path, silently dropping any model option given in the YAML or on the command
@@ -71,10 +110,17 @@ class DBLCLI(LightningCLI):
         if ckpt_path and not resolved_by_lightning and not Path(ckpt_path).is_file():
             raise ConfigError(f"ckpt_path {ckpt_path}: no such file; give a checkpoint written by `dbl fit` "
                               "(e.g. <run>/version_<n>/checkpoints/last.ckpt) or 'last' to resume the latest")
+        if ckpt_path and not resolved_by_lightning:
+            read_checkpoint(Path(ckpt_path), "give a checkpoint written by `dbl fit`")
         before = _flat(self.config[subcommand].get("model")) if subcommand else {}
         super()._parse_ckpt_path()
         after = _flat(self.config[subcommand].get("model")) if subcommand else {}
         replaced = [f"{k}: {before[k]!r} -> {after[k]!r}" for k in sorted(before) if k in after and before[k] != after[k]]
+        if replaced and subcommand == "fit":
+            # resuming would silently train with the checkpoint's settings while the user asked for others
+            raise ConfigError(f"ckpt_path {ckpt_path} was trained with other model options (checkpoint's -> "
+                              f"yours): {'; '.join(replaced)}; resume with the checkpoint's options, or start a "
+                              "new run from scratch")
         if replaced:
             warnings.warn(
                 "the checkpoint's hyperparameters replace these model options (for evaluation settings use the "
@@ -88,33 +134,85 @@ class DBLCLI(LightningCLI):
         # test would evaluate untrained weights. Resolve it to the newest checkpoint of this
         # experiment's earlier runs instead.
         config = self.config_init[self.subcommand]
+        if "weights_only" in config:  # every checkpoint a user hands in is data, not code
+            config["weights_only"] = True
         if config.get("ckpt_path") != "last":
             return
         found = latest_checkpoint(self.trainer)
-        if found is None and self.subcommand != "fit":
-            raise ConfigError("ckpt_path last: this experiment has no checkpoint yet; train it first or give a file")
         if found is None:
-            print("dbl: --ckpt_path last: this experiment has no earlier checkpoint; training from scratch",
-                  file=sys.stderr)
-        else:
-            print(f"dbl: --ckpt_path last: using {found}", file=sys.stderr)
-        config["ckpt_path"] = None if found is None else str(found)
+            raise ConfigError("ckpt_path last: this experiment has no checkpoint yet; train it first or give a file")
+        read_checkpoint(found, "give another checkpoint with --ckpt_path")
+        print(f"dbl: --ckpt_path last: using {found}", file=sys.stderr)
+        config["ckpt_path"] = str(found)
 
-    before_fit = before_validate = before_test = before_predict = _resolve_last_checkpoint
+    before_validate = before_test = before_predict = _resolve_last_checkpoint
+
+    def before_fit(self) -> None:
+        """Re-running an interrupted experiment's command resumes it (preemption, a crash, a hard kill):
+        from the newest of its on-exception and periodic ``last`` checkpoints, unless ``--fresh``."""
+        config = self.config_init["fit"]
+        config["weights_only"] = True
+        if config.get("fresh"):
+            if config.get("ckpt_path"):
+                raise ConfigError("--fresh starts from step 0 and --ckpt_path resumes a checkpoint: give one of them")
+            config["ckpt_path"] = None
+            return
+        if config.get("ckpt_path") not in (None, "last"):
+            return  # a file the user named: checked, and its options compared, in _parse_ckpt_path
+        found = latest_checkpoint(self.trainer)
+        if found is None:
+            if config.get("ckpt_path") == "last":
+                print("dbl: --ckpt_path last: this experiment has no earlier checkpoint; training from scratch",
+                      file=sys.stderr)
+            config["ckpt_path"] = None
+            return
+        discard = f"to start over, add --fresh (or delete {found})"
+        checkpoint = read_checkpoint(found, discard)
+        changed = _changed_options(checkpoint.get("hyper_parameters") or {}, dict(self.model.hparams))
+        if changed:
+            raise ConfigError(f"{found} (step {checkpoint.get('global_step')}) was written with other model options "
+                              f"(checkpoint's -> yours): {'; '.join(changed)}; to resume, undo the change; {discard}")
+        print(f"dbl: resuming from {found} (step {checkpoint.get('global_step')}); {discard}", file=sys.stderr)
+        config["ckpt_path"] = str(found)
 
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
         except (ValueError, TypeError) as err:
             # jsonargparse re-raises our constructors' errors wrapped in a union report; the
-            # original exception (which names the option) is the cause.
-            raise ConfigError(str(err.__cause__ or err)) from err
+            # original exception (which names the option) is the cause. Only a UsageError is the
+            # user's to fix; any other error is a defect and keeps its traceback.
+            cause = err.__cause__ or err
+            if isinstance(cause, UsageError):
+                raise ConfigError(str(cause)) from err
+            raise
+
+
+def read_checkpoint(path: Path, fix: str) -> dict:
+    """A checkpoint's contents (tensors memory-mapped, not read), or a ConfigError naming the file and ``fix``."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # truncated, not a torch file, or holding code: all unusable here
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{path} cannot be read as a checkpoint ({reason[:160]}); {fix}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ConfigError(f"{path} is not a checkpoint written by `dbl fit` (no state_dict); {fix}")
+    return checkpoint
+
+
+def _changed_options(saved: dict, current: dict) -> list[str]:
+    """``["optimizer.init_args.lr: 0.001 -> 0.002", ...]`` for options whose value differs."""
+    saved, current = _flat(saved), _flat(current)
+    keys = sorted(k for k in saved.keys() | current.keys() if not k.split(".")[-1].startswith("_"))
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
 
 
 def latest_checkpoint(trainer: L.Trainer) -> Path | None:
     """The newest ``last*.ckpt`` of the experiment's runs (every ``version_<n>`` of its logger, and
     any ModelCheckpoint with its own folder) or its on-exception checkpoint; None if there is none."""
-    from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from dbl.callbacks import OnExceptionCheckpoint
 
     candidates: list[Path] = []
     for callback in trainer.callbacks:
@@ -181,8 +279,7 @@ def main(args=None) -> None:
     # Checkpoints of manual optimization are taken after the step, which is what dbl wants.
     warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    # OnExceptionCheckpoint makes fit resume from its checkpoint when one exists; say so only then.
-    warnings.filterwarnings("ignore", message=r".*\.fit\(ckpt_path=None\)` was called without a model.*")
+    warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated.*")  # torchdata's StatefulDataLoader
     try:
         DBLCLI(
             BlockwiseLightningModule,
@@ -194,8 +291,14 @@ def main(args=None) -> None:
             parser_kwargs={"exit_on_error": False},
             args=args,
         )
+    except SIGTERMException:  # a scheduler's preemption: the on-exception checkpoint (if any) said where it saved
+        print("dbl: stopped by SIGTERM; exit status 143 (run the same command to resume)", file=sys.stderr)
+        raise SystemExit(143) from None
+    except DivergenceError as err:
+        print(f"dbl: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     except ArgumentError as err:
-        print(f"dbl: configuration error: {condense(str(err))}", file=sys.stderr)
+        print(f"dbl: configuration error: {config_syntax_error(str(err), args) or condense(str(err))}", file=sys.stderr)
         raise SystemExit(2) from None
     except ConfigError as err:
         print(f"dbl: configuration error: {err}", file=sys.stderr)
@@ -204,7 +307,7 @@ def main(args=None) -> None:
         print(f"dbl: configuration error: trainer: {err}{_trainer_hint(str(err))}", file=sys.stderr)
         raise SystemExit(2) from None
     except UsageError as err:  # found only once the run started (missing data, a model that cannot load, ...)
-        print(f"dbl: {err}", file=sys.stderr)
+        print(f"dbl: {usage_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

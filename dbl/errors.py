@@ -12,3 +12,8 @@ class UsageError(ValueError):
 
 class MissingDataError(UsageError, FileNotFoundError):
     """A dataset or file is not where the configuration says; the message says where to put it."""
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss or gradient norm; the message names the step and block.
+    Not bad input, so the CLI exits 1, but one line: the fix is a setting, not the code."""

@@ -21,12 +21,16 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torchmetrics import Metric
 
-from dbl.errors import UsageError
+from dbl.errors import DivergenceError, UsageError
 from dbl.models.blockwise import BlockwiseNetwork
+from dbl.training import rng
+from dbl.training.checks import check_optimizer_options, check_trainer_options
 from dbl.training.offload import BlockOffloader
 from dbl.training.schedules import make_schedule
 
@@ -67,6 +71,9 @@ class BlockwiseLightningModule(L.LightningModule):
             move when the training block changes: once per phase with ``phased``, on most steps
             with ``random``. Evaluation and sampling bring every block back for their duration.
         activation_checkpointing: recompute each layer's activations in backward (both modes).
+        skip_nonfinite_steps: a step whose loss or gradient norm is not finite stops the run with an
+            error naming the step and block (``dbl.errors.DivergenceError``); with N > 0 up to N such
+            steps are skipped instead (no update; the batch is dropped), and the N+1-th stops the run.
     """
 
     def __init__(
@@ -84,6 +91,7 @@ class BlockwiseLightningModule(L.LightningModule):
         gradient_clip_val: float | None = 1.0,
         offload_inactive: bool = False,
         activation_checkpointing: bool = False,
+        skip_nonfinite_steps: int = 0,
     ):
         super().__init__()
         # Under LightningCLI the hyperparameters are the YAML's (network and optimizer as class_path
@@ -95,17 +103,42 @@ class BlockwiseLightningModule(L.LightningModule):
         self.network = BlockwiseNetwork(network, num_blocks, layers_per_block, shared_io, activation_checkpointing)
         self.schedule = make_schedule(block_schedule, num_blocks, train_blocks, phase_steps, schedule_seed)
         if gradient_clip_val is not None and gradient_clip_val <= 0:
-            raise ValueError(f"gradient_clip_val must be positive or null, got {gradient_clip_val}")
+            raise UsageError(f"gradient_clip_val must be positive or null, got {gradient_clip_val}")
         self.gradient_clip_val = gradient_clip_val
+        if skip_nonfinite_steps < 0:
+            raise UsageError(f"skip_nonfinite_steps must be >= 0, got {skip_nonfinite_steps}")
+        self.skip_nonfinite_steps = skip_nonfinite_steps
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
+        check_optimizer_options(optimizer, lr_scheduler)
         self.offload_inactive = offload_inactive
         self.offloader: BlockOffloader | None = None
         self.register_buffer("block_updates", torch.zeros(num_blocks, dtype=torch.long))
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self._restored_rng: dict | None = None  # this rank's random state from a resumed checkpoint
+        self._rng_outside_evaluation: dict | None = None
 
     @property
     def num_blocks(self) -> int:
         return self.network.num_blocks
+
+    def prepare_data(self) -> None:
+        # Lightning calls this after the data module's prepare_data and before the logger makes its
+        # version folder: a bad trainer option or data that does not fit the network stops the run
+        # here, before step 0, as a one-line error that leaves nothing behind.
+        trainer = self._trainer
+        if trainer is None:
+            return
+        check_trainer_options(trainer)
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None:
+            stage = trainer.state.fn.value if trainer.state.fn is not None else "fit"
+            datamodule.setup(stage)  # idempotent in dbl's data modules; Lightning's own call then finds it done
+            self.check_data(datamodule, stage)
+
+    def check_data(self, datamodule: L.LightningDataModule, stage: str) -> None:
+        """Raise a ``UsageError`` naming the option when ``datamodule`` does not fit the network
+        (shapes, classes, vocabulary, sequence length). Called before step 0; tasks override it."""
 
     def setup(self, stage: str) -> None:
         # Data-parallel: a block-wise step leaves every other block without gradients, which DDP
@@ -126,7 +159,13 @@ class BlockwiseLightningModule(L.LightningModule):
             )
 
     def on_train_start(self) -> None:
-        if self.trainer.world_size > 1:
+        if self._restored_rng is not None:
+            # Resuming: continue every random stream where the checkpoint left it, so the resumed
+            # run draws what the uninterrupted run would have (the data order is restored by
+            # Lightning from the StatefulDataLoader's own state).
+            rng.restore(self._restored_rng)
+            self._restored_rng = None
+        elif self.trainer.world_size > 1:
             # seed_everything gives every process the same seed, so each would draw the same sigmas,
             # noise and label dropout for its own data: offset the seed by rank (as DiT does). The
             # block schedule does not use this generator, so every rank still trains the same block.
@@ -144,7 +183,32 @@ class BlockwiseLightningModule(L.LightningModule):
             self.offloader.load_all()
 
     def on_validation_start(self) -> None:
+        # Validation in the middle of training must not move the training's random streams: a run
+        # resumed from a checkpoint taken before a validation would otherwise draw other noise.
+        self._rng_outside_evaluation = rng.collect() if self.trainer.state.fn == TrainerFn.FITTING else None
         self.all_blocks_on_device()
+
+    def on_validation_end(self) -> None:
+        # the module's hook runs after the callbacks' (sample grids, FID), so this covers them too
+        if self._rng_outside_evaluation is not None:
+            rng.restore(self._rng_outside_evaluation)
+            self._rng_outside_evaluation = None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["dbl_rng"] = rng.collect_all_ranks(self.trainer)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("dbl_rng")
+        if states is not None:
+            rank = self.global_rank if self._trainer is not None else 0
+            self._restored_rng = states[rank] if rank < len(states) else None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Lightning notes SIGTERM and, on one process, stops only at the end of the epoch (hours on
+        # ImageNet, past any grace period): stop after this step, which the on-exception checkpoint
+        # then saves. The CLI turns this into exit status 143.
+        if self.trainer.received_sigterm:
+            raise SIGTERMException(143)
 
     def on_test_start(self) -> None:
         self.all_blocks_on_device()
@@ -187,11 +251,15 @@ class BlockwiseLightningModule(L.LightningModule):
     def log_per_block(self, name: str, metric: Metric) -> None:
         """Log a per-block metric (``dbl.training.metrics``) as ``<name>/block<b>`` and reset it.
 
-        Every process computes (and so syncs) it; a block no sample reached (NaN) is not logged.
+        Every process computes (and so syncs) it. A block that no sample reached (its ``count`` is
+        0) is not logged; a block that was reached and gives NaN or inf is, so divergence shows.
         """
         # flatten: torchmetrics returns a one-block (end-to-end) vector as a 0-dim tensor
-        for block, value in enumerate(metric.compute().flatten().tolist()):
-            if math.isfinite(value):
+        values = metric.compute().flatten().tolist()
+        counts = getattr(metric, "count", None)
+        reached = [True] * len(values) if counts is None else (counts.flatten() > 0).tolist()
+        for block, value in enumerate(values):
+            if reached[block] and not (counts is None and math.isnan(value)):
                 # already synced by compute(); sync_dist only tells Lightning so
                 self.log(f"{name}/block{block}", value, sync_dist=True)
         metric.reset()
@@ -261,6 +329,8 @@ class BlockwiseLightningModule(L.LightningModule):
         self.manual_backward(out.loss)
         params = [p for g in (self.network.block_parameters(block), self.network.shared_parameters()) for p in g]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.gradient_clip_val or float("inf"))
+        if not (torch.isfinite(out.loss) and torch.isfinite(grad_norm)):
+            return self._nonfinite_step(block, out, grad_norm, optimizers)
         optimizers[0].step()
         for opt in optimizers[1:]:
             opt.optimizer.step()  # shared parameters: a raw step, not counted as a training step
@@ -271,6 +341,23 @@ class BlockwiseLightningModule(L.LightningModule):
         self.block_updates[block] += 1
         self._log_step(block, out, grad_norm)
         return out.loss.detach()
+
+    def _nonfinite_step(self, block: int, out: BlockLoss, grad_norm: torch.Tensor, optimizers: list) -> None:
+        """Stop at a non-finite loss or gradient norm before it reaches the weights, or skip the step."""
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        what = f"loss {out.loss.item():.4g}, gradient norm {grad_norm.item():.4g}"
+        if int(self.skipped_steps) >= self.skip_nonfinite_steps:
+            skipped = f" after skipping {int(self.skipped_steps)}" if self.skip_nonfinite_steps else ""
+            raise DivergenceError(
+                f"training diverged at step {self.global_step}, block {block}: {what}{skipped}; lower the learning "
+                "rate (or raise warm-up), or set model.init_args.skip_nonfinite_steps to skip such steps"
+            )
+        self.skipped_steps += 1
+        rank_zero_info(f"dbl: skipped step {self.global_step} (block {block}): {what} "
+                       f"[{int(self.skipped_steps)} of {self.skip_nonfinite_steps} allowed]")
+        self.log("train/skipped_steps", self.skipped_steps.float(), batch_size=out.noise_level.shape[0])
+        return None
 
     def _log_step(self, block: int, out: BlockLoss, grad_norm: torch.Tensor) -> None:
         n = out.noise_level.shape[0]

@@ -1,0 +1,109 @@
+"""Runs you can leave alone: a run stopped by SIGTERM (a scheduler's preemption) or SIGKILL (OOM,
+power loss) and started again with the same command ends bit-identical to a run never stopped."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "experiments" / "quickstart.yaml")
+MAX_STEPS = 33  # not a multiple of the checkpoint interval: the final step must be saved too
+
+
+def _config(tmp_path: Path, fault: str = "") -> list[str]:
+    (tmp_path / "run.yaml").write_text(
+        "trainer:\n  callbacks:\n"
+        "    - {class_path: dbl.callbacks.ModelCheckpoint, init_args: {save_last: true, every_n_train_steps: 10}}\n"
+        "    - {class_path: dbl.callbacks.OnExceptionCheckpoint, init_args: {dirpath: checkpoints/quickstart}}\n"
+        "    - {class_path: faults.RecordSteps, init_args: {path: steps.jsonl}}\n"
+        "    - faults.DrawInValidation\n" + fault
+    )
+    return ["fit", "--config", QUICKSTART, "--config", "run.yaml", "--trainer.max_steps", str(MAX_STEPS),
+            "--model.init_args.network.init_args.hidden_size", "32", "--model.init_args.network.init_args.num_heads", "2",
+            "--trainer.val_check_interval", "10", "--trainer.limit_val_batches", "2",
+            "--trainer.enable_progress_bar", "false"]
+
+
+def _dbl(args, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dbl", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()  # never leave a training child behind, whatever failed
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _steps(path: Path) -> dict[int, list[tuple]]:
+    seen: dict[int, list[tuple]] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        seen.setdefault(row["step"], []).append((row["block"], row["loss"]))
+    return seen
+
+
+def _final(run: Path) -> dict:
+    last = sorted((run / "lightning_logs" / "quickstart").glob("version_*/checkpoints/last.ckpt"))[-1]
+    return torch.load(last, map_location="cpu", weights_only=True)
+
+
+def _assert_identical(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_identical(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run = tmp_path_factory.mktemp("uninterrupted")
+    result = _dbl(_config(run), run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+@pytest.mark.parametrize("signal_name, stop_at, resumed_from", [("SIGTERM", 15, 15), ("SIGKILL", 25, 20)])
+def test_stopped_and_rerun_is_bit_identical(uninterrupted, tmp_path, signal_name, stop_at, resumed_from):
+    args = _config(tmp_path, f"    - {{class_path: faults.SignalAt, init_args: {{step: {stop_at}, "
+                             f"signal_name: {signal_name}, once_file: signalled}}}}\n")
+    stopped = _dbl(args, tmp_path)
+    if signal_name == "SIGTERM":
+        # a scheduler must see a failure, and the user where the work went
+        assert stopped.returncode == 143, stopped.stderr[-3000:]
+        assert f"dbl: saved checkpoints/quickstart/on_exception.ckpt at step {stop_at}" in stopped.stderr
+    else:
+        assert stopped.returncode == -signal.SIGKILL
+    assert max(_steps(tmp_path / "steps.jsonl")) == stop_at
+
+    resumed = _dbl(args, tmp_path)  # the same command again
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"(step {resumed_from}); to start over, add --fresh" in resumed.stderr
+    assert not (tmp_path / "checkpoints" / "quickstart" / "on_exception.ckpt").exists()  # used up
+
+    # every step's block and loss, bit for bit (steps run twice after a hard kill agree both times)
+    reference = _steps(uninterrupted / "steps.jsonl")
+    assert sorted(reference) == list(range(1, MAX_STEPS + 1))
+    for step, rows in _steps(tmp_path / "steps.jsonl").items():
+        assert all(row == reference[step][0] for row in rows), step
+    assert sorted(_steps(tmp_path / "steps.jsonl")) == sorted(reference)
+    # and the final weights, optimizer and scheduler states, update counts and random states
+    ours, theirs = _final(tmp_path), _final(uninterrupted)
+    assert ours["global_step"] == theirs["global_step"] == MAX_STEPS
+    for key in ("state_dict", "optimizer_states", "lr_schedulers", "dbl_rng"):
+        _assert_identical(ours[key], theirs[key], key)
