@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 
 from dbl.diffusion.partition import NoisePartition
+from dbl.errors import UsageError
 
 MASKING_SCHEDULES: tuple[str, ...] = ("linear", "cosine")
 TIME_SAMPLINGS: tuple[str, ...] = ("antithetic", "stratified", "uniform")
@@ -43,7 +44,7 @@ class MaskingSchedule:
 
     def __post_init__(self):
         if self.kind not in MASKING_SCHEDULES:
-            raise ValueError(f"unknown masking schedule {self.kind!r}; choose one of {', '.join(MASKING_SCHEDULES)}")
+            raise UsageError(f"unknown masking schedule {self.kind!r}; choose one of {', '.join(MASKING_SCHEDULES)}")
 
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
         if self.kind == "linear":
@@ -84,9 +85,11 @@ class TimePartition(NoisePartition):
 def make_time_partition(schedule: MaskingSchedule, num_blocks: int, overlap: float = 0.0) -> TimePartition:
     """t_b = alpha^-1(1 - b/B), b = 0..B: every block gets the same decrement of alpha."""
     if num_blocks < 1:
-        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        raise UsageError(f"num_blocks must be >= 1, got {num_blocks}")
     if overlap < 0:
-        raise ValueError(f"overlap must be >= 0, got {overlap}")
+        raise UsageError(f"overlap must be >= 0, got {overlap}")
+    if overlap >= 1:
+        raise UsageError(f"overlap must be < 1 (a fraction of each block's range; the paper uses 0.05-0.1), got {overlap}")
     bounds = schedule.time_at_mask_rate(torch.arange(num_blocks + 1, dtype=torch.float64) / num_blocks).tolist()
     bounds[0], bounds[-1] = 0.0, 1.0  # exact ends despite rounding in arccos
     return TimePartition(tuple(bounds), overlap)
@@ -106,9 +109,9 @@ def sample_times(num_sequences: int, num_times: int, method: str = "antithetic",
     ((k/K, (k+1)/K]). ``uniform``: K independent draws. All three are unbiased for the integral.
     """
     if method not in TIME_SAMPLINGS:
-        raise ValueError(f"unknown time sampling {method!r}; choose one of {', '.join(TIME_SAMPLINGS)}")
+        raise UsageError(f"unknown time sampling {method!r}; choose one of {', '.join(TIME_SAMPLINGS)}")
     if num_times < 1:
-        raise ValueError(f"need at least one t per sequence, got {num_times}")
+        raise UsageError(f"need at least one t per sequence, got {num_times}")
     k = torch.arange(num_times, dtype=torch.float64)
     if method == "antithetic":
         u = torch.rand(num_sequences, 1, generator=generator, dtype=torch.float64)

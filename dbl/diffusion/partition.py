@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 
 from dbl.diffusion.sigma import LogNormal
+from dbl.errors import UsageError
 
 PartitionKind = Literal["equiprobable", "uniform_log", "uniform_linear"]
 PARTITION_KINDS: tuple[str, ...] = ("equiprobable", "uniform_log", "uniform_linear")
@@ -93,13 +94,15 @@ def make_partition(
 ) -> NoisePartition:
     """Build a partition by name: ``equiprobable`` (default, the paper's), ``uniform_log``, ``uniform_linear``."""
     if kind not in PARTITION_KINDS:
-        raise ValueError(f"unknown partition {kind!r}; choose one of {', '.join(PARTITION_KINDS)}")
+        raise UsageError(f"unknown partition {kind!r}; choose one of {', '.join(PARTITION_KINDS)}")
     if num_blocks < 1:
-        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        raise UsageError(f"num_blocks must be >= 1, got {num_blocks}")
     if overlap < 0:
-        raise ValueError(f"overlap must be >= 0, got {overlap}")
+        raise UsageError(f"overlap must be >= 0, got {overlap}")
+    if overlap >= 1:
+        raise UsageError(f"overlap must be < 1 (a fraction of each block's range; the paper uses 0.05-0.1), got {overlap}")
     if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        raise UsageError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
     if kind == "equiprobable":
         bounds = equiprobable_boundaries(num_blocks, sigma_min, sigma_max, density)
     elif kind == "uniform_log":

@@ -11,6 +11,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from dbl.errors import UsageError
+
 LossWeighting = Literal["edm", "edm_clamped", "batch_mean", "none"]
 LOSS_WEIGHTINGS: tuple[str, ...] = ("edm", "edm_clamped", "batch_mean", "none")
 
@@ -41,7 +43,7 @@ def loss_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
 def check_loss_weighting(weighting: str) -> str:
     """``weighting`` if it is one of ``LOSS_WEIGHTINGS``, else a ValueError naming the choices."""
     if weighting not in LOSS_WEIGHTINGS:
-        raise ValueError(f"unknown loss_weighting {weighting!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}")
+        raise UsageError(f"unknown loss_weighting {weighting!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}")
     return weighting
 
 
@@ -62,7 +64,7 @@ def weighted_loss(
     - ``none``: mean_i l_i.
     """
     if per_sample_loss.shape != sigma.shape or per_sample_loss.dim() != 1:
-        raise ValueError(
+        raise UsageError(
             f"per_sample_loss and sigma must both be [N]; got {tuple(per_sample_loss.shape)} and {tuple(sigma.shape)}"
         )
     check_loss_weighting(weighting)

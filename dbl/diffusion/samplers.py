@@ -67,7 +67,7 @@ def sigma_grid(
         a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
         sigmas = (a + frac * (b - a)) ** rho
     else:
-        raise ValueError(f"unknown sigma grid {kind!r}; choose 'cdf' or 'karras'")
+        raise UsageError(f"unknown sigma grid {kind!r}; choose 'cdf' or 'karras'")
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
@@ -97,7 +97,7 @@ assert SOLVERS == (*STEPS, *K_DIFFUSION_SOLVERS), "Solver must list the built-in
 def check_solver(solver: str) -> str:
     """``solver`` if it is one of ``SOLVERS`` and can run here, else a one-line error saying what to do."""
     if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+        raise UsageError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     if solver in K_DIFFUSION_SOLVERS:
         k_diffusion_sampling()
     return solver

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dbl.errors import UsageError
+
 
 @dataclass(frozen=True)
 class LogNormal:
@@ -37,7 +39,7 @@ class LogNormal:
     ) -> torch.Tensor:
         """``n`` draws restricted to [lo, hi] by inverse-CDF sampling; float32 on ``device``."""
         if not 0 < lo < hi:
-            raise ValueError(f"need 0 < lo < hi, got lo={lo}, hi={hi}")
+            raise UsageError(f"need 0 < lo < hi, got lo={lo}, hi={hi}")
         q_lo, q_hi = self.cdf(lo).item(), self.cdf(hi).item()
         u = torch.rand(n, dtype=torch.float64, generator=generator)
         sigma = self.icdf(q_lo + (q_hi - q_lo) * u).clamp(lo, hi)

@@ -16,24 +16,26 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dbl.errors import UsageError
+
 
 def split_layers(depth: int, num_blocks: int, layers_per_block: Sequence[int] | None = None) -> list[int]:
     """Layers per block, checked: explicit lists must sum to ``depth``; otherwise B must divide depth."""
     if num_blocks < 1:
-        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        raise UsageError(f"num_blocks must be >= 1, got {num_blocks}")
     if num_blocks > depth:
-        raise ValueError(f"num_blocks {num_blocks} is larger than the network's depth {depth}; every block needs a layer")
+        raise UsageError(f"num_blocks {num_blocks} is larger than the network's depth {depth}; every block needs a layer")
     if layers_per_block is not None:
         sizes = list(layers_per_block)
         if len(sizes) != num_blocks or sum(sizes) != depth or min(sizes) < 1:
-            raise ValueError(
+            raise UsageError(
                 f"layers_per_block {sizes} must have num_blocks={num_blocks} positive entries summing to depth={depth}"
             )
         return sizes
     if depth % num_blocks:
         base, extra = divmod(depth, num_blocks)
         hint = [base + (i < extra) for i in range(num_blocks)]
-        raise ValueError(
+        raise UsageError(
             f"depth {depth} is not divisible by num_blocks {num_blocks}; set layers_per_block explicitly, e.g. {hint}"
         )
     return [depth // num_blocks] * num_blocks
@@ -58,7 +60,7 @@ class BlockwiseNetwork(nn.Module):
         self.activation_checkpointing = activation_checkpointing
         for attr in ("layers", "embed", "head"):
             if not hasattr(net, attr):
-                raise TypeError(f"{type(net).__name__} cannot be split into blocks: it has no `{attr}`")
+                raise UsageError(f"{type(net).__name__} cannot be split into blocks: it has no `{attr}`")
         self.layers_per_block = split_layers(len(net.layers), num_blocks, layers_per_block)
         self.shared_io = shared_io
         self.net = net

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dbl.errors import UsageError
 from dbl.models.layers import AdaLNZeroLayer, NoiseEmbedder, modulate
 
 # name -> (hidden_size, depth, num_heads, patch_size), as in the DiT paper
@@ -34,7 +35,7 @@ PRESETS: dict[str, tuple[int, int, int, int]] = {
 def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
     """[grid*grid, dim] fixed 2-D sine-cosine position embedding (MAE / DiT)."""
     if dim % 4:
-        raise ValueError(f"hidden size must be divisible by 4 for the 2-D position embedding, got {dim}")
+        raise UsageError(f"hidden size must be divisible by 4 for the 2-D position embedding, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
     coords = torch.arange(grid, dtype=torch.float64)
     ys, xs = torch.meshgrid(coords, coords, indexing="ij")
@@ -110,7 +111,7 @@ class DiT(nn.Module):
         super().__init__()
         if preset is not None:
             if preset not in PRESETS:
-                raise ValueError(f"unknown DiT preset {preset!r}; choose one of {', '.join(PRESETS)}")
+                raise UsageError(f"unknown DiT preset {preset!r}; choose one of {', '.join(PRESETS)}")
             p_hidden, p_depth, p_heads, p_patch = PRESETS[preset]
             hidden_size = hidden_size or p_hidden
             depth = depth or p_depth
@@ -118,9 +119,9 @@ class DiT(nn.Module):
             patch_size = patch_size or p_patch
         missing = [n for n, v in [("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads), ("patch_size", patch_size)] if v is None]
         if missing:
-            raise ValueError(f"DiT needs a preset or explicit {', '.join(missing)}")
+            raise UsageError(f"DiT needs a preset or explicit {', '.join(missing)}")
         if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+            raise UsageError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         self.input_size, self.in_channels, self.patch_size = input_size, in_channels, patch_size
         self.num_classes = num_classes
         self.grid = input_size // patch_size

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dbl.errors import UsageError
+
 
 def sinusoidal_embedding(x: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
     """[N] -> [N, dim] cos/sin features at geometrically spaced frequencies (DiT / EDM positional)."""
@@ -42,7 +44,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+            raise UsageError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dbl.errors import UsageError
 from dbl.models.layers import NoiseEmbedder, modulate, sinusoidal_embedding
 
 
@@ -133,7 +134,7 @@ class LlamaLayer(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int):
         super().__init__()
         if dim % num_heads or (dim // num_heads) % 2:
-            raise ValueError(f"hidden_size {dim} must split into num_heads {num_heads} heads of even size")
+            raise UsageError(f"hidden_size {dim} must split into num_heads {num_heads} heads of even size")
         self.num_heads = num_heads
         self.norm1 = nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
@@ -193,7 +194,7 @@ class Llama(nn.Module):
     ):
         super().__init__()
         if vocab_size < 2:
-            raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+            raise UsageError(f"vocab_size must be >= 2, got {vocab_size}")
         self.vocab_size, self.hidden_size, self.num_heads = vocab_size, hidden_size, num_heads
         mlp_hidden = mlp_hidden or 64 * -(-int(8 * hidden_size / 3) // 64)
         self.embedding = nn.Embedding(vocab_size, hidden_size)

@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from dbl.errors import UsageError
 from dbl.models.dit import FinalLayer
 from dbl.models.layers import AdaLNZeroLayer, NoiseEmbedder
 
@@ -28,7 +29,7 @@ from dbl.models.layers import AdaLNZeroLayer, NoiseEmbedder
 def sincos_pos_embed_1d(dim: int, length: int) -> torch.Tensor:
     """[length, dim] fixed sine-cosine position embedding (Vaswani et al.)."""
     if dim % 2:
-        raise ValueError(f"hidden size must be even for the sinusoidal position embedding, got {dim}")
+        raise UsageError(f"hidden size must be even for the sinusoidal position embedding, got {dim}")
     freqs = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
     args = torch.arange(length, dtype=torch.float64)[:, None] * freqs[None]
     return torch.cat([args.sin(), args.cos()], dim=1).float()
@@ -59,7 +60,7 @@ class TokenDiT(nn.Module):
     ):
         super().__init__()
         if vocab_size < 1 or seq_len < 1:
-            raise ValueError(f"vocab_size and seq_len must be positive, got {vocab_size}, {seq_len}")
+            raise UsageError(f"vocab_size and seq_len must be positive, got {vocab_size}, {seq_len}")
         self.vocab_size, self.seq_len, self.time_scale = vocab_size, seq_len, time_scale
         self.token_embed = nn.Embedding(vocab_size + 1, hidden_size)
         nn.init.normal_(self.token_embed.weight, std=0.02)
@@ -68,7 +69,7 @@ class TokenDiT(nn.Module):
         elif position_embedding == "sinusoidal":
             self.register_buffer("pos_embed", sincos_pos_embed_1d(hidden_size, seq_len), persistent=False)
         else:
-            raise ValueError(f"unknown position_embedding {position_embedding!r}; choose 'learned' or 'sinusoidal'")
+            raise UsageError(f"unknown position_embedding {position_embedding!r}; choose 'learned' or 'sinusoidal'")
         self.time_embed = NoiseEmbedder(hidden_size)
         self.layers = nn.ModuleList([AdaLNZeroLayer(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final = FinalLayer(hidden_size, vocab_size)

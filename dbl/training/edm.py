@@ -20,6 +20,7 @@ from dbl.diffusion.partition import NoisePartition, make_partition
 from dbl.diffusion.preconditioning import check_loss_weighting, loss_weight, weighted_loss
 from dbl.diffusion.samplers import GridKind, Solver, check_solver
 from dbl.diffusion.sigma import LogNormal
+from dbl.errors import UsageError
 from dbl.training.engine import BlockwiseLightningModule
 
 # per-sample loss of the samples selected by ``index`` (``BlockChain.route``), at their sigmas and noise, by one block
@@ -63,7 +64,7 @@ class EDMDiffusionModule(BlockwiseLightningModule):
         super().__init__(network, **kwargs)
         check_loss_weighting(loss_weighting)  # the partition's name is checked by make_partition
         if sample_steps < 1:
-            raise ValueError(f"sample_steps must be >= 1, got {sample_steps}")
+            raise UsageError(f"sample_steps must be >= 1, got {sample_steps}")
         check_solver(sample_solver)
         density = LogNormal(p_mean, p_std)
         self.denoiser = EDMDenoiser(

@@ -13,6 +13,8 @@ from typing import Literal
 
 import numpy as np
 
+from dbl.errors import UsageError
+
 ScheduleKind = Literal["random", "phased"]
 
 
@@ -28,11 +30,11 @@ class BlockSchedule:
 
     def __post_init__(self):
         if self.kind not in ("random", "phased"):
-            raise ValueError(f"unknown block_schedule {self.kind!r}; choose 'random' or 'phased'")
+            raise UsageError(f"unknown block_schedule {self.kind!r}; choose 'random' or 'phased'")
         if not self.blocks:
-            raise ValueError("train_blocks is empty; list at least one block to train")
+            raise UsageError("train_blocks is empty; list at least one block to train")
         if self.phase_steps < 1:
-            raise ValueError(f"phase_steps must be >= 1, got {self.phase_steps}")
+            raise UsageError(f"phase_steps must be >= 1, got {self.phase_steps}")
 
     def block_at(self, step: int) -> int:
         if self.kind == "phased":
@@ -45,7 +47,7 @@ def make_schedule(kind: str, num_blocks: int, train_blocks: Sequence[int] | None
     blocks = tuple(range(num_blocks)) if train_blocks is None else tuple(train_blocks)
     bad = [b for b in blocks if not 0 <= b < num_blocks]
     if bad:
-        raise ValueError(f"train_blocks {list(blocks)} has blocks outside 0..{num_blocks - 1}: {bad}")
+        raise UsageError(f"train_blocks {list(blocks)} has blocks outside 0..{num_blocks - 1}: {bad}")
     if len(set(blocks)) != len(blocks):
-        raise ValueError(f"train_blocks {list(blocks)} lists a block twice")
+        raise UsageError(f"train_blocks {list(blocks)} lists a block twice")
     return BlockSchedule(kind, blocks, phase_steps, seed)
