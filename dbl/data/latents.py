@@ -34,9 +34,17 @@ def read_meta(folder: str | Path) -> dict:
     path = Path(folder) / "meta.json"
     if not path.exists():
         raise MissingDataError(f"no latent shards in {folder}: meta.json is missing; write them with tools/encode_latents.py")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise UsageError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    fix = "write the folder again with tools/encode_latents.py"
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path} is not valid JSON ({err}); {fix}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise UsageError(f"{path} has format {found!r}, expected {FORMAT!r}")
+    missing = [key for key in ("views", "shards", "scale_factor") if key not in meta]
+    if missing:
+        raise UsageError(f"{path} lacks {', '.join(missing)}; {fix}")
     return meta
 
 
@@ -111,9 +119,25 @@ class LatentShardDataset(Dataset):
         self.folder = Path(folder)
         self.meta = read_meta(folder)
         self.random_view = random_view and self.meta["views"] > 1
-        self.latents = [np.load(self.folder / s["latents"], mmap_mode="r") for s in self.meta["shards"]]
-        self.labels = [np.load(self.folder / s["labels"]) for s in self.meta["shards"]]
+        self.latents = [self._load(s, "latents", mmap_mode="r") for s in self.meta["shards"]]
+        self.labels = [self._load(s, "labels") for s in self.meta["shards"]]
         self.starts = np.cumsum([0] + [s["count"] for s in self.meta["shards"]]).tolist()
+
+    def _load(self, shard: dict, kind: str, **kwargs) -> np.ndarray:
+        """One shard's array, checked against the count in meta.json; a bad file is a one-line error."""
+        try:
+            path = self.folder / shard[kind]
+            array = np.load(path, **kwargs)
+        except KeyError as err:
+            raise UsageError(f"{self.folder / 'meta.json'}: a shard entry lacks {err}; write the folder again with "
+                             f"tools/encode_latents.py") from None
+        except (OSError, ValueError, EOFError) as err:  # missing, truncated ("mmap length is greater ..."), not .npy
+            raise UsageError(f"{path} is not a readable latent shard ({type(err).__name__}: {err}); write the folder "
+                             f"again with tools/encode_latents.py") from None
+        if len(array) != shard.get("count", len(array)):
+            raise UsageError(f"{path} holds {len(array)} items but meta.json says {shard['count']}; write the folder "
+                             f"again with tools/encode_latents.py")
+        return array
 
     @property
     def scale_factor(self) -> float:

@@ -44,20 +44,19 @@ class _LanguageModel:
         super().__init__(network, **kwargs)
         for attr in ("token_vectors", "token_table", "denoised_logits"):
             if not hasattr(self.network.net, attr):
-                raise TypeError(f"{type(self.network.net).__name__} is not a text decoder like dbl.models.Llama: no `{attr}`")
+                raise UsageError(f"{type(self.network.net).__name__} is not a text decoder like dbl.models.Llama: no `{attr}`")
         if generate_tokens < 1:
-            raise ValueError(f"generate_tokens must be >= 1, got {generate_tokens}")
+            raise UsageError(f"generate_tokens must be >= 1, got {generate_tokens}")
         if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = argmax), got {temperature}")
+            raise UsageError(f"temperature must be >= 0 (0 = argmax), got {temperature}")
         self.generate_tokens, self.temperature = generate_tokens, temperature
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        vocab = getattr(dm, "vocab_size", None)
+    def check_data(self, datamodule, stage: str) -> None:
+        """The tokenizer's vocabulary against the network's, before step 0."""
+        vocab = getattr(datamodule, "vocab_size", None)
         if vocab is not None and vocab > self.network.net.vocab_size:
-            raise UsageError(f"the tokenizer has {vocab} tokens but the network's vocab_size is "
-                             f"{self.network.net.vocab_size}; set network vocab_size >= {vocab}")
+            raise UsageError(f"the tokenizer has {vocab} tokens but model.init_args.network.init_args.vocab_size is "
+                             f"{self.network.net.vocab_size}; set vocab_size >= {vocab}")
 
     def example_batch(self, batch_size: int, seq_len: int | None = None):
         """Random ``(tokens [N, seq_len], loss_mask)``, default 256 tokens (for benchmarks)."""
@@ -97,7 +96,7 @@ class ARDiffusionLMModule(_LanguageModel, EDMDiffusionModule):
         **kwargs,
     ):
         if not kwargs.get("shared_io", True):
-            raise ValueError("ARDiffusionLMModule needs shared_io: true (the diffusion targets are the shared token table's rows)")
+            raise UsageError("ARDiffusionLMModule needs shared_io: true (the diffusion targets are the shared token table's rows)")
         super().__init__(network, overlap=overlap, sample_steps=sample_steps, temperature=temperature,
                          generate_tokens=generate_tokens, **kwargs)
         self.eval_metrics = per_stage(lambda: {"loss": MeanMetric(), "ce": MeanMetric(), "block_ce": PerBlockMean(self.num_blocks)})
@@ -185,7 +184,7 @@ class NextTokenLMModule(_LanguageModel, BlockwiseLightningModule):
 
     def __init__(self, network: nn.Module, temperature: float = 0.0, generate_tokens: int = 64, num_blocks: int = 1, **kwargs):
         if num_blocks != 1:
-            raise ValueError(f"NextTokenLMModule trains end to end: num_blocks must be 1, got {num_blocks}")
+            raise UsageError(f"NextTokenLMModule trains end to end: num_blocks must be 1, got {num_blocks}")
         super().__init__(network, temperature=temperature, generate_tokens=generate_tokens, num_blocks=1, **kwargs)
         self.eval_metrics = per_stage(lambda: {"nll": SumMetric(), "tokens": SumMetric()})
 

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from dbl.errors import UsageError
+from dbl.training.checks import first_item
 from dbl.training.edm import EDMDiffusionModule
 from dbl.training.engine import BlockLoss
 from dbl.training.metrics import PerBlockMean, per_stage
@@ -31,6 +33,24 @@ class ImageDiffusionModule(EDMDiffusionModule):
         super().__init__(network, overlap=overlap, sample_steps=sample_steps, **kwargs)
         self.sample_defaults["cfg_scale"] = cfg_scale
         self.eval_metrics = per_stage(lambda: {"loss": MeanMetric(), "mse": MeanMetric(), "block_loss": PerBlockMean(self.num_blocks)})
+
+    def check_data(self, datamodule, stage: str) -> None:
+        """Classes, channels and image size of the data against the network's, before step 0."""
+        net = self.network.net
+        classes, net_classes = getattr(datamodule, "num_classes", None), getattr(net, "num_classes", None)
+        if classes and net_classes and classes > net_classes:
+            raise UsageError(f"the data has {classes} classes (labels 0..{classes - 1}) but model.init_args.network.init_args.num_classes is "
+                             f"{net_classes}; set num_classes: {classes}")
+        item = first_item(datamodule, stage)
+        if item is None or not isinstance(item, (tuple, list)) or not torch.is_tensor(item[0]) or item[0].dim() != 3:
+            return
+        (channels, height, width), in_channels, size = item[0].shape, getattr(net, "in_channels", None), getattr(net, "input_size", None)
+        if in_channels is not None and channels != in_channels:
+            raise UsageError(f"the data's images have {channels} channels but model.init_args.network.init_args.in_channels is {in_channels}; "
+                             f"set in_channels: {channels}")
+        if size is not None and (height, width) != (size, size):
+            raise UsageError(f"the data's images are {height}x{width} but model.init_args.network.init_args.input_size is {size}; set input_size: "
+                             f"{height} (or the data's image size to {size})")
 
     # -- the objective ---------------------------------------------------------------------
     def per_sample_loss(self, x, labels, sigma, noise, block: int) -> torch.Tensor:

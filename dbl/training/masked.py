@@ -26,6 +26,7 @@ from dbl.diffusion.masked import (
     sample_times,
 )
 from dbl.errors import UsageError
+from dbl.training.checks import first_item
 from dbl.training.engine import BlockLoss, BlockwiseLightningModule
 from dbl.training.metrics import BitsPerCharacter, per_stage
 
@@ -68,13 +69,13 @@ class MaskedDiffusionModule(BlockwiseLightningModule):
     ):
         super().__init__(network, **kwargs)
         if masking_schedule not in MASKING_SCHEDULES:
-            raise ValueError(f"unknown masking_schedule {masking_schedule!r}; choose one of {', '.join(MASKING_SCHEDULES)}")
+            raise UsageError(f"unknown masking_schedule {masking_schedule!r}; choose one of {', '.join(MASKING_SCHEDULES)}")
         for attr in ("mask_id", "vocab_size", "seq_len"):
             if not hasattr(self.network.net, attr):
-                raise TypeError(f"{type(self.network.net).__name__} is not a token denoiser: it has no `{attr}`")
+                raise UsageError(f"{type(self.network.net).__name__} is not a token denoiser: it has no `{attr}`")
         sample_times(1, eval_times, eval_time_sampling)  # validates both now, not at the first evaluation
         if sample_steps < 1:
-            raise ValueError(f"sample_steps must be >= 1, got {sample_steps}")
+            raise UsageError(f"sample_steps must be >= 1, got {sample_steps}")
         self.masking = MaskingSchedule(masking_schedule)
         partition = make_time_partition(self.masking, self.num_blocks, overlap)
         self.denoiser = MaskedDenoiser(self.network, partition, self.masking, self.network.net.mask_id)
@@ -92,11 +93,18 @@ class MaskedDiffusionModule(BlockwiseLightningModule):
     def mask_id(self) -> int:
         return self.denoiser.mask_id
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        data_vocab = getattr(self.trainer.datamodule, "vocab_size", None)
-        if data_vocab is not None and data_vocab != self.network.net.vocab_size:
-            raise UsageError(f"the data has {data_vocab} symbols but the network's vocab_size is {self.network.net.vocab_size}")
+    def check_data(self, datamodule, stage: str) -> None:
+        """Vocabulary and sequence length of the data against the network's, before step 0."""
+        net = self.network.net
+        data_vocab = getattr(datamodule, "vocab_size", None)
+        if data_vocab is not None and data_vocab != net.vocab_size:
+            raise UsageError(f"the data has {data_vocab} symbols but model.init_args.network.init_args.vocab_size is {net.vocab_size}; "
+                             f"set vocab_size: {data_vocab}")
+        item = first_item(datamodule, stage)
+        ids = item[0] if isinstance(item, (tuple, list)) else item
+        if torch.is_tensor(ids) and ids.dim() >= 1 and ids.shape[-1] > net.seq_len:
+            raise UsageError(f"the data's sequences have {ids.shape[-1]} tokens (data seq_len) but model.init_args.network.init_args.seq_len is "
+                             f"{net.seq_len}; set the data's seq_len <= {net.seq_len} or the network's seq_len >= {ids.shape[-1]}")
 
     def example_batch(self, batch_size: int, seq_len: int | None = None):
         """Random ``(ids [N, seq_len],)``, default the network's length (for benchmarks)."""
