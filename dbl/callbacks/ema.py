@@ -5,6 +5,8 @@ from __future__ import annotations
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch.optim.swa_utils import get_ema_avg_fn
 
+from dbl.errors import UsageError
+
 
 class EMA(EMAWeightAveraging):
     """Lightning's ``EMAWeightAveraging`` with two changes for block-wise training.
@@ -28,7 +30,7 @@ class EMA(EMAWeightAveraging):
 
     def __init__(self, decay: float = 0.9999, update_starting_at_step: int | None = None, device: str | None = None):
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"decay must be in (0, 1), got {decay}")
+            raise UsageError(f"decay must be in (0, 1), got {decay}")
         super().__init__(device=device, decay=decay, update_starting_at_step=update_starting_at_step)
         self.decay = decay
 

@@ -88,15 +88,15 @@ class FID(L.Callback):
         stats_cache_dir: str | None = None,
     ):
         if num_samples < 2:
-            raise ValueError(f"num_samples must be >= 2 (FID needs a covariance), got {num_samples}")
+            raise UsageError(f"num_samples must be >= 2 (FID needs a covariance), got {num_samples}")
         if not seeds:
-            raise ValueError("seeds is empty; give at least one evaluation seed")
+            raise UsageError("seeds is empty; give at least one evaluation seed")
         if not reference_splits:
-            raise ValueError("reference_splits is empty; give 'train' and/or 'test'")
+            raise UsageError("reference_splits is empty; give 'train' and/or 'test'")
         if save_samples not in ("none", "png", "npz"):
-            raise ValueError(f"save_samples must be 'none', 'png' or 'npz', got {save_samples!r}")
+            raise UsageError(f"save_samples must be 'none', 'png' or 'npz', got {save_samples!r}")
         if reference_size is not None and reference_size < 2:
-            raise ValueError(f"reference_size must be >= 2 or null, got {reference_size}")
+            raise UsageError(f"reference_size must be >= 2 or null, got {reference_size}")
         self.num_samples, self.reference_splits, self.seeds = num_samples, list(reference_splits), list(seeds)
         self.reference_size = reference_size
         if solver is not None:

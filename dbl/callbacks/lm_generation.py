@@ -191,9 +191,9 @@ class LMGenerationMetrics(L.Callback):
         for name, value in (("num_prompts", num_prompts), ("prompt_length", prompt_length),
                             ("continuation_length", continuation_length), ("continuations_per_prompt", continuations_per_prompt)):
             if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+                raise UsageError(f"{name} must be >= 1, got {value}")
         if not seeds:
-            raise ValueError("seeds is empty; give at least one seed")
+            raise UsageError("seeds is empty; give at least one seed")
         self.judge, self.judge_kwargs = judge, judge_kwargs
         self.featurizer = featurizer or judge
         self.featurizer_kwargs = featurizer_kwargs if featurizer is not None else judge_kwargs

@@ -11,6 +11,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset, random_split
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from dbl.data.checks import check_loader_options
+from dbl.errors import UsageError
+
 
 class DigitsDataModule(L.LightningDataModule):
     """``sklearn.datasets.load_digits`` as ``(image [1, 8, 8] in [-1, 1], label)`` batches.
@@ -23,10 +26,13 @@ class DigitsDataModule(L.LightningDataModule):
         num_workers: DataLoader workers (the data is in memory, 0 is fastest).
     """
 
+    num_classes = 10
+
     def __init__(self, batch_size: int = 128, val_fraction: float = 0.1, seed: int = 0, num_predict: int = 100, num_workers: int = 0):
         super().__init__()
         if not 0 < val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+            raise UsageError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        check_loader_options(batch_size=batch_size, num_predict=num_predict, num_workers=num_workers)
         self.save_hyperparameters()
 
     def setup(self, stage: str | None = None) -> None:
