@@ -13,6 +13,8 @@ context across chunk boundaries. BPC is total negative ELBO (nats) over total ch
 from __future__ import annotations
 
 import zipfile
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -21,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from dbl.data.checks import check_loader_options
 from dbl.data.download import download
 from dbl.errors import UsageError
 
@@ -64,15 +67,25 @@ def _text8_member(zf: zipfile.ZipFile, path: Path) -> zipfile.ZipInfo:
     return zf.getinfo("text8")
 
 
+@contextmanager
+def _reading(path: Path):
+    """A damaged zip or a text outside the alphabet: one line naming the file and the fix."""
+    try:
+        yield
+    except (zipfile.BadZipFile, EOFError, zlib.error, UsageError) as err:
+        raise UsageError(f"{path} cannot be read as text8 ({err}); replace it with text8.zip from {TEXT8_URL}, "
+                         f"or set data root to a folder holding it") from None
+
+
 def text8_length(root: str | Path) -> int:
     """Characters in the member ``text8`` of ``<root>/text8.zip``, read from the zip directory (no unpacking)."""
-    with zipfile.ZipFile(text8_path(root)) as zf:
+    with _reading(text8_path(root)), zipfile.ZipFile(text8_path(root)) as zf:
         return _text8_member(zf, text8_path(root)).file_size
 
 
 def load_text8(root: str | Path) -> np.ndarray:
     """The member ``text8`` of ``<root>/text8.zip`` as uint8 ids."""
-    with zipfile.ZipFile(text8_path(root)) as zf:
+    with _reading(text8_path(root)), zipfile.ZipFile(text8_path(root)) as zf:
         return encode(zf.read(_text8_member(zf, text8_path(root))))
 
 
@@ -148,21 +161,23 @@ class Text8DataModule(L.LightningDataModule):
     ):
         super().__init__()
         if min(train_chars, val_chars, test_chars) < 0 or seq_len < 1:
-            raise ValueError(f"split sizes must be >= 0 and seq_len >= 1, got {train_chars}/{val_chars}/{test_chars}, {seq_len}")
+            raise UsageError(f"split sizes must be >= 0 and seq_len >= 1, got {train_chars}/{val_chars}/{test_chars}, {seq_len}")
         if train_chars < seq_len:
-            raise ValueError(f"train_chars {train_chars} is shorter than one sequence (seq_len {seq_len})")
+            raise UsageError(f"train_chars {train_chars} is shorter than one sequence (seq_len {seq_len})")
+        check_loader_options(batch_size=batch_size, eval_batch_size=eval_batch_size, train_items=train_items,
+                             num_predict=num_predict, predict_batch_size=predict_batch_size, num_workers=num_workers)
         self.save_hyperparameters()
         self.splits: dict[str, torch.Tensor] = {}
         if text8_path(root).exists():
             self._check_split_sizes(text8_length(root))
         elif not download:
-            raise ValueError(missing_file_message(root))
+            raise UsageError(missing_file_message(root))
 
     def _check_split_sizes(self, total: int) -> None:
         hp = self.hparams
         need = hp.train_chars + hp.val_chars + hp.test_chars
         if need > total:
-            raise ValueError(
+            raise UsageError(
                 f"split sizes {hp.train_chars:,}/{hp.val_chars:,}/{hp.test_chars:,} need {need:,} characters but "
                 f"{text8_path(hp.root)} has {total:,}; set data train_chars/val_chars/test_chars "
                 f"(e.g. 90/5/5 of it: {total * 9 // 10}/{total // 20}/{total // 20})"
@@ -198,7 +213,7 @@ class Text8DataModule(L.LightningDataModule):
     def _eval_loader(self, split: str) -> DataLoader:
         hp, ids = self.hparams, self.splits[split]
         if len(ids) == 0:
-            raise ValueError(f"the {split} split is empty; set data {split}_chars > 0")
+            raise UsageError(f"the {split} split is empty; set data {split}_chars > 0")
         chunks = Chunks(ids, hp.seq_len)
         batches = chunk_batches(len(chunks), len(ids) % hp.seq_len != 0, hp.eval_batch_size or hp.batch_size)
         return DataLoader(chunks, batch_sampler=batches, num_workers=hp.num_workers)
