@@ -114,3 +114,26 @@ def test_ema_checkpoint_resumes_raw_weights_and_keeps_the_average(tiny_module, i
     resumed = tiny_module(**kw)
     fit(resumed, image_batch, 6, tmp_path / "b", ckpt_path=path, callbacks=[EMA(decay=0.5)])
     assert resumed.block_updates.tolist() == [2, 2, 2]
+
+
+@pytest.mark.parametrize("train_blocks, step_decay", [(None, 0.25 ** (1 / 3)), ([1], 0.25), ([0, 2], 0.5)])
+def test_ema_decay_counts_only_the_blocks_that_train(tiny_module, image_batch, tmp_path, train_blocks, step_decay):
+    """decay is per update of a block: with train_blocks [1] block 1 changes every step, so each step
+    applies 0.25 itself, not 0.25 ** (1/3) (as if block 1 trained one step in three)."""
+    from dbl.callbacks import EMA
+
+    module = tiny_module(train_blocks=train_blocks)
+    seen = []
+
+    class Record(L.Callback):  # the raw weights after each step, before EMA puts the average in the module
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen.append([p.detach().clone() for p in pl_module.network.block_parameters(1)])
+
+    callback = EMA(decay=0.25)
+    fit(module, image_batch, 3, tmp_path, callbacks=[Record(), callback])
+    assert callback.step_decay == step_decay
+    expected = seen[0]  # the first update copies the weights; later ones average with the step decay
+    for raw in seen[1:]:
+        expected = [e * step_decay + r * (1 - step_decay) for e, r in zip(expected, raw)]
+    for e, p in zip(expected, module.network.block_parameters(1)):
+        torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-7)

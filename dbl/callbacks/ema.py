@@ -15,9 +15,10 @@ class EMA(EMAWeightAveraging):
     under ``current_model_state``, from which training resumes) and left in the module when
     training ends, so ``dbl test`` and ``dbl predict`` evaluate it.
 
-    - ``decay`` is per update of a block. A block changes on about 1/B of the steps, so each step
-      applies ``decay ** (1 / num_blocks)``: the average then spans the same number of a block's own
-      updates in a block-wise run as in its end-to-end twin at equal layer-updates.
+    - ``decay`` is per update of a block. A trained block changes on about 1/T of the steps, T the
+      number of blocks that train (all B, or the engine's ``train_blocks``), so each step applies
+      ``decay ** (1 / T)``: the average then spans the same number of a block's own updates in a
+      block-wise run as in its end-to-end twin at equal layer-updates.
     - Integer buffers (the engine's per-block ``block_updates`` counts) are copied, not averaged.
 
     Args:
@@ -36,7 +37,9 @@ class EMA(EMAWeightAveraging):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":
-            self.step_decay = self.decay ** (1.0 / getattr(pl_module, "num_blocks", 1))
+            schedule = getattr(pl_module, "schedule", None)  # the blocks that train (train_blocks)
+            trained = len(schedule.blocks) if schedule is not None else getattr(pl_module, "num_blocks", 1)
+            self.step_decay = self.decay ** (1.0 / trained)
             self._kwargs["avg_fn"] = get_ema_avg_fn(self.step_decay)
         super().setup(trainer, pl_module, stage)
 
