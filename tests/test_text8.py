@@ -144,3 +144,24 @@ def test_download_lands_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr("urllib.request.urlretrieve", fetch)
     download("http://example.invalid/file.zip", tmp_path / "d" / "file.zip")
     assert [p.name for p in (tmp_path / "d").iterdir()] == ["file.zip"]
+
+
+def test_a_corrupt_download_is_not_kept(tmp_path, monkeypatch):
+    """A download that arrives whole by size but is no intact text8.zip: refused, nothing left; a good one lands."""
+    good_root = tmp_path / "good"
+    write_text8_zip(good_root, 1_000)
+    good = (good_root / "text8.zip").read_bytes()
+    payload = {"bytes": good[:-30]}  # the zip's directory cut off
+
+    def fetch(url, path, reporthook=None):
+        Path(path).write_bytes(payload["bytes"])
+
+    monkeypatch.setattr("urllib.request.urlretrieve", fetch)
+    dm = Text8DataModule(root=str(tmp_path / "data"), download=True, train_chars=800, val_chars=100, test_chars=100, seq_len=10)
+    with pytest.raises(FileNotFoundError, match=r"downloading http://mattmahoney.net/dc/text8.zip failed \(not a valid zip: File is not a zip file\); put text8.zip at"):
+        dm.prepare_data()
+    assert list((tmp_path / "data").iterdir()) == []
+    payload["bytes"] = good
+    dm.prepare_data()
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["text8.zip"]
+    assert (tmp_path / "data" / "text8.zip").read_bytes() == good

@@ -56,9 +56,22 @@ def missing_file_message(root: str | Path) -> str:
     return f"{text8_path(root)} not found; put text8.zip ({TEXT8_URL}) there, or allow data download"
 
 
+def check_text8_zip(path: Path) -> None:
+    """Raise ``ValueError`` unless ``path`` is a zip whose member ``text8`` is intact (CRC checked)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            _text8_member(zf, path)
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, EOFError) as err:
+        raise ValueError(f"not a valid zip: {err}") from None
+    if bad is not None:
+        raise ValueError(f"member {bad!r} fails its CRC check")
+
+
 def download_text8(root: str | Path) -> None:
-    """Fetch text8.zip from the canonical URL into ``root`` (atomically: a partial file never remains)."""
-    download(TEXT8_URL, text8_path(root))
+    """Fetch text8.zip from the canonical URL into ``root``, atomically and checked (a zip with an
+    intact member ``text8``): a partial or corrupt file never remains."""
+    download(TEXT8_URL, text8_path(root), check=check_text8_zip)
 
 
 def _text8_member(zf: zipfile.ZipFile, path: Path) -> zipfile.ZipInfo:
