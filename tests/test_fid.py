@@ -85,3 +85,47 @@ def test_fid_callback_checks_its_inputs_before_the_run_not_after(tmp_path):
     trainer.datamodule = SimpleNamespace(fid_reference=None)
     tiny.setup(trainer, None, "fit")
     assert tiny._extractor is not None  # loaded once, reused by every evaluation
+
+
+def test_statistics_cache_is_keyed_by_content_written_atomically_and_checked(tmp_path, monkeypatch):
+    _, reference = image_sets()
+    extractor = FeatureExtractor(TINY, "8")
+    description = {"dataset": "x", "split": "test", "n": 30}
+    ref = ReferenceImages(UInt8Images(reference), description, tmp_path)
+    changed = reference.clone()
+    changed[0, 0, 0, 0] ^= 1  # one pixel differs: same name, split and count
+    assert stats_cache_path(ReferenceImages(UInt8Images(changed), description, tmp_path), extractor) != stats_cache_path(ref, extractor)
+    first = reference_statistics(ref, extractor)
+    assert [p.name for p in tmp_path.iterdir()] == [stats_cache_path(ref, extractor).name]  # no temporary file left
+    # a damaged cache file is computed again and replaced
+    stats_cache_path(ref, extractor).write_bytes(b"not an npz")
+    again = reference_statistics(ref, extractor)
+    assert np.array_equal(again["mu"], first["mu"]) and np.array_equal(again["sigma"], first["sigma"])
+    with np.load(stats_cache_path(ref, extractor)) as f:
+        assert np.array_equal(f["sigma"], first["sigma"])
+    # a failure while writing leaves nothing behind
+    monkeypatch.setattr(np, "savez", lambda path, **kw: (open(path, "wb").write(b"half"), (_ for _ in ()).throw(OSError("disk full"))))
+    other = ReferenceImages(UInt8Images(changed), description, tmp_path / "other")
+    with pytest.raises(OSError, match="disk full"):
+        reference_statistics(other, extractor)
+    assert list((tmp_path / "other").iterdir()) == []
+
+
+def test_reference_statistics_load_with_the_data_modules_workers(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from dbl.callbacks import FID
+
+    seen = []
+    monkeypatch.setattr("dbl.callbacks.fid.reference_statistics",
+                        lambda ref, extractor, batch_size, cache_dir, num_workers=0: seen.append(num_workers) or {})
+    monkeypatch.setattr(FID, "generate", lambda *a: iter(()))
+    _, reference = image_sets()
+    datamodule = SimpleNamespace(hparams={"num_workers": 3},
+                                 fid_reference=lambda split: ReferenceImages(UInt8Images(reference), {"split": split}, tmp_path))
+    trainer = SimpleNamespace(datamodule=datamodule)
+    callback = FID(feature_extractor=TINY, feature_layer="8", reference_splits=["test"])
+    callback.seeds = []  # stop after the reference statistics: no samples (min() of nothing raises)
+    with pytest.raises(ValueError, match="empty"):
+        callback.evaluate(trainer, SimpleNamespace(device=torch.device("cpu")), "test")
+    assert seen == [3]

@@ -41,8 +41,8 @@ class FID(L.Callback):
     The DataModule provides the reference images via ``fid_reference(split)`` and, for latent
     models, ``decode_samples(latents)`` (pixels in [-1, 1]) so that FID sees images. Labels are
     balanced over the model's classes (shuffled by the seed); unconditional models get none.
-    Reference statistics are cached next to the data, keyed by a hash of the images and the
-    feature extractor, so they are computed once. Runs on global rank 0 only. When a run will use
+    Reference statistics are cached next to the data, keyed by a hash of the images' content and
+    the feature extractor, so they are computed once (with the DataModule's ``num_workers``). Runs on global rank 0 only. When a run will use
     it (``dbl test``, or ``fit`` with ``every_n_epochs > 0``), the data module and the extractor's
     weights are checked at setup, before anything is trained or sampled.
 
@@ -188,7 +188,8 @@ class FID(L.Callback):
         extractor = self._feature_extractor(pl_module.device)
         started = time.perf_counter()
         reference_sets = {split: self._reference(datamodule, split) for split in self.reference_splits}
-        references = {split: reference_statistics(ref, extractor, self.batch_size, self.stats_cache_dir)
+        workers = getattr(datamodule, "hparams", {}).get("num_workers", 0) or 0  # load references as training does
+        references = {split: reference_statistics(ref, extractor, self.batch_size, self.stats_cache_dir, num_workers=workers)
                       for split, ref in reference_sets.items()}
         reference_seconds = time.perf_counter() - started
         per_seed: dict[int, dict[str, float]] = {}

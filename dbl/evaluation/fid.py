@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dbl.data.images import ReferenceImages, default_cache_dir, is_writable
+from dbl.data.download import atomic_path
+from dbl.data.images import ReferenceImages, dataset_fingerprint, default_cache_dir, is_writable
 from dbl.errors import MissingDataError, UsageError
 
 INCEPTION = "inception-v3-compat"
@@ -101,8 +104,10 @@ def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, floa
 
 
 def stats_cache_path(reference: ReferenceImages, extractor: FeatureExtractor, cache_dir: Path | None = None) -> Path:
-    """``<cache_dir>/fid_stats_<split>_<hash>.npz``, the hash covering the images and the extractor."""
-    key = json.dumps({**reference.description, **extractor.identity}, sort_keys=True)
+    """``<cache_dir>/fid_stats_<split>_<hash>.npz``, the hash covering the description, the images'
+    content (``dataset_fingerprint``: a hash of the pixels, or of the image files) and the extractor."""
+    key = json.dumps({**reference.description, "content": dataset_fingerprint(reference.dataset), **extractor.identity},
+                     sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     folder = Path(cache_dir or reference.cache_dir)
     if not is_writable(folder):
@@ -110,21 +115,42 @@ def stats_cache_path(reference: ReferenceImages, extractor: FeatureExtractor, ca
     return folder / f"fid_stats_{reference.description.get('split', 'ref')}_{digest}.npz"
 
 
+def _read_statistics(path: Path) -> dict[str, np.ndarray]:
+    """The cached statistics; ``ValueError`` unless they are a finite mean [D] and covariance [D, D]."""
+    try:
+        with np.load(path) as f:
+            stats = {"mu": f["mu"], "sigma": f["sigma"]}
+    except (OSError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"unreadable ({type(err).__name__}: {err})") from None
+    mu, sigma = stats["mu"], stats["sigma"]
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"not a finite mean [D] and covariance [D, D]: shapes {mu.shape}, {sigma.shape}")
+    return stats
+
+
 def reference_statistics(reference: ReferenceImages, extractor: FeatureExtractor, batch_size: int = 256,
-                         cache_dir: Path | None = None) -> dict[str, np.ndarray]:
-    """FID statistics of a reference set, computed once and then read from the cache."""
+                         cache_dir: Path | None = None, num_workers: int = 0) -> dict[str, np.ndarray]:
+    """FID statistics of a reference set, computed once and then read from the cache.
+
+    The file is written atomically (a temporary file in the cache folder, renamed) and read back
+    before the rename, so a cache file is always whole; a damaged one is recomputed and replaced.
+    ``num_workers``: DataLoader workers that load the reference images (the data module's).
+    """
     path = stats_cache_path(reference, extractor, cache_dir)
     if path.exists():
-        with np.load(path) as f:
-            return {"mu": f["mu"], "sigma": f["sigma"]}
-    loader = DataLoader(reference.dataset, batch_size=batch_size, shuffle=False)
+        try:
+            return _read_statistics(path)
+        except ValueError as err:
+            rank_zero_warn(f"FID statistics cache {path} is damaged ({err}); computing it again")
+    loader = DataLoader(reference.dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     # a progress bar on a terminal only (disable=None), so logs and CI stay clean
     batches = tqdm(loader, desc=f"FID reference statistics ({reference.description.get('split', '')})",
                    unit="batch", disable=None)
     stats = statistics(extractor.features(batches)[extractor.layer])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_suffix(".part.npz")
-    np.savez(part, mu=stats["mu"], sigma=stats["sigma"],
-             description=json.dumps({**reference.description, **extractor.identity}, sort_keys=True))
-    part.replace(path)
+    with atomic_path(path, suffix=".npz") as part:
+        np.savez(part, mu=stats["mu"], sigma=stats["sigma"],
+                 description=json.dumps({**reference.description, **extractor.identity}, sort_keys=True))
+        written = _read_statistics(part)
+        if not (np.array_equal(written["mu"], stats["mu"]) and np.array_equal(written["sigma"], stats["sigma"])):
+            raise OSError(f"FID statistics written to {part} read back different")
     return stats
