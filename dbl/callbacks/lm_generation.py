@@ -6,8 +6,9 @@ together with distinct-n and a repetition rate, each also for the human continua
 same prompts, and writes every generation to a JSONL file a person can read.
 
 Protocol (defaults; every number is an argument):
-- prompts: the first ``num_prompts`` held-out examples of the data module
-  (``generation_examples``): ``prompt_length`` tokens of a held-out sentence, and the
+- prompts: the first ``num_prompts`` examples of the data module's split being evaluated
+  (``generation_examples``: validation sentences at validation, held-out test sentences at
+  ``dbl test``): ``prompt_length`` tokens of a sentence, and the
   ``continuation_length`` tokens that follow it as the human reference;
 - ``continuations_per_prompt`` continuations per prompt and seed, for every seed in ``seeds``;
 - generative perplexity: the judge causal LM's perplexity of the continuation given the prompt
@@ -224,7 +225,9 @@ class LMGenerationMetrics(L.Callback):
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "generation_examples"):
             raise UsageError("LMGenerationMetrics needs a data module with generation_examples (dbl.data.LM1BDataModule)")
-        prompts, references = dm.generation_examples(self.num_prompts, self.prompt_length, self.continuation_length)
+        # validation prompts come from the validation sentences, test prompts from the test sentences
+        prompts, references = dm.generation_examples(self.num_prompts, self.prompt_length, self.continuation_length,
+                                                     split="validation" if stage == "val" else "test")
         prompt_texts = [dm.decode(p) for p in prompts.tolist()]
         reference_texts = continuation_texts(dm, prompts.tolist(), references.tolist())
         device = pl_module.device

@@ -7,13 +7,14 @@ Every image DataModule here keeps its images as uint8 (as stored on disk) and sc
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from dbl.errors import UsageError
@@ -34,6 +35,12 @@ def is_writable(path: Path) -> bool:
     while not path.exists():
         path = path.parent
     return os.access(path, os.W_OK) and bool(path.stat().st_mode & 0o222)
+
+
+def check_val_fraction(val_fraction: float) -> None:
+    if not 0 < val_fraction < 1:
+        raise UsageError(f"val_fraction must be in (0, 1) (a share of the training images held out for validation), "
+                         f"got {val_fraction}")
 
 
 class UInt8ImageDataset(Dataset):
@@ -69,11 +76,32 @@ class UInt8Images(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.images[i]
 
+    def fingerprint(self) -> str:
+        """A hash of the pixels themselves (shape, dtype and bytes)."""
+        return tensor_digest(self.images)
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    digest = hashlib.sha256(f"{tuple(tensor.shape)} {tensor.dtype}".encode())
+    digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
+def dataset_fingerprint(dataset: Dataset) -> str | None:
+    """A hash of what a FID reference dataset holds (its ``fingerprint()``; a ``Subset`` adds its
+    indices), or None for a dataset that cannot say."""
+    if isinstance(dataset, Subset):
+        base = dataset_fingerprint(dataset.dataset)
+        return None if base is None else f"{base}:{tensor_digest(torch.as_tensor(list(dataset.indices), dtype=torch.long))}"
+    fingerprint = getattr(dataset, "fingerprint", None)
+    return fingerprint() if callable(fingerprint) else None
+
 
 @dataclass
 class ReferenceImages:
-    """A FID reference set: uint8 [C, H, W] images, a description of exactly what they are (hashed
-    into the key of the cached statistics), and the writable folder where those statistics live."""
+    """A FID reference set: uint8 [C, H, W] images, a description of exactly what they are, and the
+    writable folder where their statistics are cached. The cache key hashes the description and
+    the dataset's content (``dataset_fingerprint``), so changed images never reuse old statistics."""
 
     dataset: Dataset
     description: dict = field(default_factory=dict)
@@ -89,9 +117,15 @@ class InMemoryImageDataModule(L.LightningDataModule):
     """Shared part of the labelled image sets held in memory as uint8 (CIFAR-10, Fashion-MNIST).
 
     A subclass saves its hyperparameters (``batch_size``, ``eval_batch_size``, ``random_flip``,
-    ``num_predict``, ``num_workers``), sets ``cache_dir`` and ``reference_name``, and fills
-    ``self._images[split]`` / ``self._labels[split]`` in ``_load(split)`` for ``train`` and ``test``.
-    Validation uses the test split; evaluation loaders never drop the last batch.
+    ``val_fraction``, ``seed``, ``num_predict``, ``num_workers``), sets ``cache_dir`` and
+    ``reference_name``, and fills ``self._images[split]`` / ``self._labels[split]`` in
+    ``_load(split)`` for ``train`` and ``test``.
+
+    Validation uses ``val_fraction`` of the official training images, held out from training by a
+    random permutation seeded with ``seed`` (the same split on every run and rank); training uses
+    the rest, and the official test split is kept for ``dbl test``. FID's ``train`` reference is
+    the whole official training split (the usual protocol). Evaluation loaders never drop the
+    last batch.
     """
 
     num_classes = 10
@@ -108,13 +142,30 @@ class InMemoryImageDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()  # idempotent; also covers use outside a Trainer
-        if stage in (None, "fit"):
+        if stage in (None, "fit", "validate"):
             self._load("train")
         self._load("test")
 
+    def split_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training, validation) indices into the official training split: a seeded permutation,
+        the first ``round(n * val_fraction)`` of it held out for validation (each part sorted)."""
+        n = len(self._images["train"])
+        n_val = round(n * self.hparams.val_fraction)
+        if not 0 < n_val < n:
+            raise UsageError(f"val_fraction {self.hparams.val_fraction} of {n} training images leaves "
+                             f"{n_val} for validation and {n - n_val} for training; choose a fraction that leaves both")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.seed))
+        return order[n_val:].sort().values, order[:n_val].sort().values
+
     def _dataset(self, split: str, train: bool) -> UInt8ImageDataset:
-        self._load(split)
-        return UInt8ImageDataset(self._images[split], self._labels[split], random_flip=train and self.hparams.random_flip)
+        """``train`` (minus the validation images), ``val`` (held out of train) or ``test``."""
+        self._load("train" if split == "val" else split)
+        if split == "test":
+            images, labels = self._images[split], self._labels[split]
+        else:
+            index = self.split_indices()[split == "val"]
+            images, labels = self._images["train"][index], self._labels["train"][index]
+        return UInt8ImageDataset(images, labels, random_flip=train and self.hparams.random_flip)
 
     def train_dataloader(self) -> DataLoader:
         return StatefulDataLoader(self._dataset("train", True), batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
@@ -125,7 +176,7 @@ class InMemoryImageDataModule(L.LightningDataModule):
                           num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
