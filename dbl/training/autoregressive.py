@@ -56,7 +56,7 @@ class _LanguageModel:
         vocab = getattr(datamodule, "vocab_size", None)
         if vocab is not None and vocab > self.network.net.vocab_size:
             raise UsageError(f"the tokenizer has {vocab} tokens but model.init_args.network.init_args.vocab_size is "
-                             f"{self.network.net.vocab_size}; set vocab_size >= {vocab}")
+                             f"{self.network.net.vocab_size}; set network vocab_size >= {vocab}")
 
     def example_batch(self, batch_size: int, seq_len: int | None = None):
         """Random ``(tokens [N, seq_len], loss_mask)``, default 256 tokens (for benchmarks)."""
