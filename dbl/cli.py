@@ -118,9 +118,10 @@ class DBLCLI(LightningCLI):
         replaced = [f"{k}: {before[k]!r} -> {after[k]!r}" for k in sorted(before) if k in after and before[k] != after[k]]
         if replaced and subcommand == "fit":
             # resuming would silently train with the checkpoint's settings while the user asked for others
-            raise ConfigError(f"ckpt_path {ckpt_path} was trained with other model options (checkpoint's -> "
-                              f"yours): {'; '.join(replaced)}; resume with the checkpoint's options, or start a "
-                              "new run from scratch")
+            changed = [f"model.{k}: {after[k]!r} -> {before[k]!r}" for k in sorted(before) if k in after and before[k] != after[k]]
+            raise ConfigError(f"ckpt_path {ckpt_path} was trained with other model options (checkpoint's -> yours): "
+                              f"{'; '.join(changed)}; to resume, undo the change; to start over, drop --ckpt_path "
+                              "and add --fresh")
         if replaced:
             warnings.warn(
                 "the checkpoint's hyperparameters replace these model options (for evaluation settings use the "
@@ -204,7 +205,7 @@ def _changed_options(saved: dict, current: dict) -> list[str]:
     """``["optimizer.init_args.lr: 0.001 -> 0.002", ...]`` for options whose value differs."""
     saved, current = _flat(saved), _flat(current)
     keys = sorted(k for k in saved.keys() | current.keys() if not k.split(".")[-1].startswith("_"))
-    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    return [f"model.init_args.{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
 
 
 def latest_checkpoint(trainer: L.Trainer) -> Path | None:

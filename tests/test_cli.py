@@ -2,7 +2,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -68,40 +67,43 @@ def test_print_config_roundtrip(capsys):
     assert "class_path: dbl.models.DiT" in capsys.readouterr().out
 
 
-def _dbl(args, cwd):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "dbl", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def _dbl(args, cwd) -> tuple[int, str]:
+    """Run ``dbl`` in a child with SIGINT at its default: a shell running this suite in the background
+    (CI runners, nohup) starts its children with SIGINT ignored. The child is always killed on the way out."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "dbl", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    return proc.returncode, out
 
 
 def test_quickstart_ctrl_c_checkpoints_and_rerun_resumes(tmp_path):
     """The quickstart YAML trains; Ctrl-C leaves a checkpoint; the same command resumes from it."""
     args = ["fit", "--config", QUICKSTART, "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "1",
             "--trainer.val_check_interval", "3"]
-    # same callbacks, but a periodic checkpoint every 2 steps tells the test that training is under way
+    # same callbacks, plus Ctrl-C at the end of step 4 (tests/faults.py), at that step and no other
     (tmp_path / "often.yaml").write_text(
         "trainer:\n  callbacks:\n"
         "    - {class_path: dbl.callbacks.SampleGrid, init_args: {every_n_steps: 0, per_class: 2, num_steps: 4}}\n"
-        "    - {class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {every_n_train_steps: 2}}\n"
+        "    - {class_path: dbl.callbacks.ModelCheckpoint, init_args: {every_n_train_steps: 2}}\n"
         "    - {class_path: dbl.callbacks.OnExceptionCheckpoint, init_args: {dirpath: checkpoints/quickstart}}\n"
+        "    - {class_path: faults.SignalAt, init_args: {step: 4, signal_name: SIGINT, once_file: interrupted}}\n"
     )
     args += ["--config", "often.yaml"]
-    proc = _dbl([*args, "--trainer.max_steps", "100000"], tmp_path)
+    code, out = _dbl([*args, "--trainer.max_steps", "100000"], tmp_path)
     ckpt = tmp_path / "checkpoints" / "quickstart" / "on_exception.ckpt"
-    periodic = tmp_path / "lightning_logs" / "quickstart" / "version_0" / "checkpoints"
-    deadline = time.time() + 180
-    while time.time() < deadline and not list(periodic.glob("*.ckpt")) and proc.poll() is None:
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
-    assert ckpt.exists(), out
-    step = torch.load(ckpt, weights_only=False)["global_step"]
-    assert step > 0
+    assert code != 0 and ckpt.exists(), out
+    assert "dbl: saved checkpoints/quickstart/on_exception.ckpt at step 4; run the same command to resume" in out
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 4
 
-    proc = _dbl([*args, "--trainer.max_steps", str(step + 2)], tmp_path)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
-    assert "Restoring states from the checkpoint path" in out and "on_exception.ckpt" in out
+    code, out = _dbl([*args, "--trainer.max_steps", "6"], tmp_path)
+    assert code == 0, out
+    assert "dbl: resuming from checkpoints/quickstart/on_exception.ckpt (step 4)" in out
     assert not ckpt.exists()  # removed once the resumed run completed
     samples = list((tmp_path / "lightning_logs" / "quickstart" / "version_1" / "samples").glob("*.png"))
     assert samples, out
@@ -130,19 +132,44 @@ def test_quickstart_ctrl_c_checkpoints_and_rerun_resumes(tmp_path):
     assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png", "000002.png"]
 
 
-def test_no_on_exception_checkpoint_before_the_first_step(tmp_path):
-    """A run that fails before training (bad data, bad setting) must not leave a checkpoint that the
-    corrected rerun would resume from."""
+def test_on_exception_checkpoint_is_saved_and_deleted_only_when_it_should(tmp_path):
+    """Saved by a fit that trained in this run (not before step 0: the corrected rerun would resume
+    the old configuration; not on divergence), and deleted only by a fit that trained to its end."""
     from types import SimpleNamespace
 
-    from dbl.callbacks import OnExceptionCheckpoint
+    from lightning.pytorch.trainer.states import TrainerFn
 
-    saved = []
+    from dbl.callbacks import OnExceptionCheckpoint
+    from dbl.errors import DivergenceError
+
+    def trainer(fn, step):
+        saved = lambda path: (saves.append(str(path)), Path(path).write_text("ckpt"))  # noqa: E731
+        return SimpleNamespace(global_step=step, save_checkpoint=saved, is_global_zero=True, state=SimpleNamespace(fn=fn))
+
+    saves: list[str] = []
     callback = OnExceptionCheckpoint(dirpath=str(tmp_path))
-    for step in (0, 3):
-        trainer = SimpleNamespace(global_step=step, save_checkpoint=saved.append)
-        callback.on_exception(trainer, None, RuntimeError("boom"))
-    assert saved == [str(tmp_path / "on_exception.ckpt")]  # only the run that had trained
+    path = str(tmp_path / "on_exception.ckpt")
+    for fn, start, step, error in [(TrainerFn.FITTING, 0, 0, RuntimeError("bad data")),  # failed before training
+                                   (TrainerFn.FITTING, 5, 5, RuntimeError("boom")),  # resumed, trained nothing
+                                   (TrainerFn.FITTING, 0, 3, DivergenceError("nan")),
+                                   (TrainerFn.VALIDATING, 0, 7, KeyboardInterrupt()),
+                                   (TrainerFn.FITTING, 0, 3, KeyboardInterrupt())]:  # the only one saved
+        t = trainer(fn, start)
+        callback.on_train_start(t, None)
+        t.global_step = step
+        callback.on_exception(t, None, error)
+    assert saves == [path]
+
+    for fn, start, step in [(TrainerFn.FITTING, 3, 3)]:  # e.g. max_steps 0: no step trained, nothing deleted
+        t = trainer(fn, start)
+        callback.on_train_start(t, None)
+        callback.on_fit_end(t, None)
+    assert Path(path).exists()
+    t = trainer(TrainerFn.FITTING, 3)
+    callback.on_train_start(t, None)
+    t.global_step = 4
+    callback.on_fit_end(t, None)
+    assert not Path(path).exists()
 
 
 def test_ckpt_path_last_resumes_the_previous_run(tmp_path, capsys, monkeypatch):
@@ -159,7 +186,7 @@ def test_ckpt_path_last_resumes_the_previous_run(tmp_path, capsys, monkeypatch):
     main(["fit", *args, "--trainer.max_steps", "4", "--ckpt_path", "last"])
     assert "no earlier checkpoint; training from scratch" in capsys.readouterr().err
     main(["fit", *args, "--trainer.max_steps", "6", "--ckpt_path", "last"])
-    assert "using lightning_logs/quickstart/version_0/checkpoints/last.ckpt" in capsys.readouterr().err
+    assert "resuming from lightning_logs/quickstart/version_0/checkpoints/last.ckpt (step 4)" in capsys.readouterr().err
     runs = tmp_path / "lightning_logs" / "quickstart"
     assert sorted(p.name for p in (runs / "version_0" / "checkpoints").glob("epoch*")) == [
         "epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"]

@@ -187,3 +187,52 @@ def test_k_diffusion_solver_steps_call_the_block_that_owns_each_sigma(tiny_modul
     sigmas = m.denoiser.sigmas(6)[:-1]
     assert [b for b, _ in calls] == m.partition.block_of(sigmas).tolist() == [0, 0, 1, 1, 2, 2]
     assert [c for _, c in calls] == pytest.approx((sigmas.float().log() / 4).tolist(), rel=1e-6)
+
+
+class _PoisonedAt:
+    """Wraps a module's block_loss so that the loss at ``step`` is NaN the first ``times`` times it is
+    tried (a diverging run, made exact)."""
+
+    def __init__(self, module, step, times=1):
+        self.module, self.step, self.times, self.real = module, step, times, module.block_loss
+
+    def __call__(self, batch, block):
+        out = self.real(batch, block)
+        if self.module.global_step == self.step and self.times > 0:
+            self.times -= 1
+            out = out._replace(loss=out.loss * float("nan"))
+        return out
+
+
+def test_nonfinite_loss_stops_at_that_step_naming_step_and_block(tiny_module, image_batch, tmp_path):
+    from dbl.errors import DivergenceError
+
+    module = tiny_module()
+    module.block_loss = _PoisonedAt(module, 3)
+    before = {}
+
+    class Snapshot(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            before.update({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    block = module.schedule.block_at(3)
+    with pytest.raises(DivergenceError, match=rf"^training diverged at step 3, block {block}: loss nan, gradient norm nan;"):
+        fit(module, image_batch, 10, tmp_path, callbacks=[Snapshot()])
+    assert module.global_step == 3 and int(module.block_updates.sum()) == 3
+    # the poisoned step reached no weight: they are those before it, all finite
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_skip_nonfinite_steps_skips_up_to_n_then_stops(tiny_module, image_batch, tmp_path):
+    from dbl.errors import DivergenceError
+
+    module = tiny_module(skip_nonfinite_steps=1)
+    module.block_loss = _PoisonedAt(module, 2)
+    fit(module, image_batch, 5, tmp_path)  # one poisoned batch skipped: 5 steps still made, 6 batches used
+    assert module.global_step == 5 and int(module.skipped_steps) == 1 and int(module.block_updates.sum()) == 5
+
+    module = tiny_module(skip_nonfinite_steps=1)
+    module.block_loss = _PoisonedAt(module, 2, times=2)  # step 2 is retried with the next batch: NaN again
+    with pytest.raises(DivergenceError, match=r"^training diverged at step 2, block \d: .* after skipping 1;"):
+        fit(module, image_batch, 5, tmp_path)

@@ -107,3 +107,85 @@ def test_stopped_and_rerun_is_bit_identical(uninterrupted, tmp_path, signal_name
     assert ours["global_step"] == theirs["global_step"] == MAX_STEPS
     for key in ("state_dict", "optimizer_states", "lr_schedulers", "dbl_rng"):
         _assert_identical(ours[key], theirs[key], key)
+
+
+# -- checkpoint hygiene, in-process --------------------------------------------------------------
+TINY = ["--config", QUICKSTART, "--model.init_args.network.init_args.hidden_size", "32",
+        "--model.init_args.network.init_args.num_heads", "2", "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "2", "--trainer.callbacks",
+        '[{"class_path": "dbl.callbacks.ModelCheckpoint", "init_args": {"save_last": true, "every_n_train_steps": 2}},'
+        ' {"class_path": "dbl.callbacks.OnExceptionCheckpoint", "init_args": {"dirpath": "checkpoints/quickstart"}}]']
+
+
+def _main(args, capsys) -> tuple[int, list[str]]:
+    from dbl.cli import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.strip() and not line.startswith("Seed set")]
+
+
+def _files(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+@pytest.fixture
+def trained(tmp_path, monkeypatch, capsys):
+    """A finished 2-step run of the experiment, and a crash checkpoint waiting next to it."""
+    monkeypatch.chdir(tmp_path)
+    assert _main(["fit", *TINY, "--trainer.max_steps", "2"], capsys)[0] == 0
+    crash = tmp_path / "checkpoints" / "quickstart" / "on_exception.ckpt"
+    crash.parent.mkdir(parents=True)
+    crash.write_bytes((tmp_path / "lightning_logs/quickstart/version_0/checkpoints/last.ckpt").read_bytes())
+    return tmp_path
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model.init_args.optimizer.init_args.lr", "0.002"],
+     "checkpoints/quickstart/on_exception.ckpt (step 2) was written with other model options (checkpoint's -> yours): "
+     "model.init_args.optimizer.init_args.lr: 0.001 -> 0.002; to resume, undo the change; to start over, add --fresh (or delete "
+     "checkpoints/quickstart/on_exception.ckpt)"),
+    (["--model.init_args.num_blocks", "2"], "model.init_args.num_blocks: 3 -> 2; to resume, undo the change"),
+    (["--fresh", "true", "--ckpt_path", "lightning_logs/quickstart/version_0/checkpoints/last.ckpt"],
+     "--fresh starts from step 0 and --ckpt_path resumes a checkpoint: give one of them"),
+    (["--ckpt_path", "lightning_logs/quickstart/version_0/checkpoints/last.ckpt",
+      "--model.init_args.optimizer.init_args.weight_decay", "0.1"],
+     "was trained with other model options (checkpoint's -> yours): model.init_args.optimizer.init_args.weight_decay: "
+     "0.0 -> 0.1"),
+])
+def test_a_resume_that_changes_the_model_is_refused_in_one_line(trained, capsys, args, message):
+    before = _files(trained)
+    code, lines = _main(["fit", *TINY, "--trainer.max_steps", "4", *args], capsys)
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert _files(trained) == before  # nothing written or deleted
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04truncated"])
+def test_an_unreadable_leftover_checkpoint_is_one_line_naming_it(trained, capsys, content):
+    crash = trained / "checkpoints" / "quickstart" / "on_exception.ckpt"
+    crash.write_bytes(content)
+    before = _files(trained)
+    code, lines = _main(["fit", *TINY, "--trainer.max_steps", "4"], capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("dbl: configuration error: checkpoints/quickstart/on_exception.ckpt cannot be read as a "
+                               "checkpoint (") and lines[0].endswith("to start over, add --fresh (or delete "
+                                                                      "checkpoints/quickstart/on_exception.ckpt)")
+    assert _files(trained) == before
+
+
+def test_evaluation_and_fresh_runs_leave_the_crash_checkpoint_alone(trained, capsys):
+    crash = trained / "checkpoints" / "quickstart" / "on_exception.ckpt"
+    for stage in ("validate", "predict"):  # (the digits have no test split)
+        assert _main([stage, *TINY, "--ckpt_path", "last"], capsys)[0] == 0
+        assert crash.exists(), stage
+    assert _main(["fit", *TINY, "--trainer.max_steps", "2"], capsys)[0] == 0  # resumed at step 2: nothing to train
+    assert crash.exists()
+    code, lines = _main(["fit", *TINY, "--trainer.max_steps", "2", "--fresh", "true"], capsys)
+    assert code == 0 and not any("resuming" in line for line in lines), lines
+    newest = sorted((trained / "lightning_logs" / "quickstart").glob("version_*"))[-1]
+    assert torch.load(newest / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2  # from step 0
+    assert not crash.exists()  # a fresh fit that trained to its end retires the stale crash checkpoint

@@ -60,7 +60,7 @@ class OnExceptionCheckpoint(Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if trainer.state.fn != TrainerFn.FITTING or isinstance(exception, DivergenceError):
             return
-        if trainer.global_step == 0 or trainer.global_step == self._step_at_start:
+        if self._step_at_start is None or trainer.global_step == self._step_at_start:
             return  # nothing trained in this run: the checkpoint it resumed from (if any) stays as it is
         trainer.save_checkpoint(self.ckpt_path)
         if trainer.is_global_zero:
@@ -69,5 +69,6 @@ class OnExceptionCheckpoint(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # on_fit_end runs only when the fit was not interrupted
-        if trainer.global_step != self._step_at_start and trainer.is_global_zero:
+        trained = self._step_at_start is not None and trainer.global_step != self._step_at_start
+        if trained and trainer.is_global_zero:
             self.ckpt_path.unlink(missing_ok=True)
