@@ -11,8 +11,10 @@ from PIL import Image
 
 from dbl.data import CIFAR10DataModule, FashionMNISTDataModule, ImageNetDataModule, LatentShardDataset, MissingDataError
 from dbl.data.cifar10 import _CIFAR10
+from dbl.data.fashion_mnist import RAW_FILES
 from dbl.data.imagenet import CenterCroppedImageFolder, center_crop_arr
 from dbl.data.latents import encode_split
+from dbl.errors import UsageError
 
 # -- CIFAR-10: the "python version" pickles -----------------------------------------------------
 
@@ -41,17 +43,30 @@ def write_cifar10(root, n_train_per_batch=3, n_test=10):
 def test_cifar10_reads_python_batches(tmp_path):
     written = write_cifar10(tmp_path)
     dm = CIFAR10DataModule(root=str(tmp_path), download=False, verify_checksums=False, batch_size=4,
-                           eval_batch_size=4, random_flip=False, num_workers=0)
+                           eval_batch_size=2, random_flip=False, val_fraction=0.2, num_workers=0)
     dm.setup("fit")
     train = dm.train_dataloader().dataset
-    assert len(train) == 15
+    assert len(train) == 12  # 15 training images, 3 held out for validation
     x, y = train[0]
     data, labels = written["data_batch_1"]
     expected = torch.from_numpy(data[0].reshape(3, 32, 32)).float() / 127.5 - 1  # channel planes
     assert x.shape == (3, 32, 32) and torch.equal(x, expected) and y == labels[0]
     assert [len(b[0]) for b in dm.train_dataloader()] == [4, 4, 4]  # drop_last for training
-    assert [len(b[0]) for b in dm.test_dataloader()] == [4, 4, 2]  # never for evaluation
-    assert [len(b[0]) for b in dm.val_dataloader()] == [4, 4, 2]
+    assert [len(b[0]) for b in dm.test_dataloader()] == [2, 2, 2, 2, 2]  # never for evaluation
+    # validation: training images 3, 4 and 14 (seed 0), never the test split, never in training
+    all_train = torch.cat([torch.from_numpy(written[f"data_batch_{i}"][0]) for i in range(1, 6)]).view(-1, 3, 32, 32)
+    val = torch.cat([b[0] for b in dm.val_dataloader()])
+    assert [len(b[0]) for b in dm.val_dataloader()] == [2, 1]
+    assert torch.equal(val, all_train[[3, 4, 14]].float() / 127.5 - 1)
+    assert torch.equal(dm.train_dataloader().dataset.images, all_train[[0, 1, 2, 5, 6, 7, 8, 9, 10, 11, 12, 13]])
+    assert torch.equal(dm.fid_reference("train").dataset.images, all_train)  # FID: the whole official split
+    again = CIFAR10DataModule(root=str(tmp_path), download=False, verify_checksums=False, val_fraction=0.2, seed=1)
+    again.setup("fit")
+    assert again.split_indices()[1].tolist() == [4, 5, 10]  # another seed, another split
+    with pytest.raises(UsageError, match="val_fraction 0.02 of 15 training images leaves 0 for validation"):
+        CIFAR10DataModule(root=str(tmp_path), download=False, verify_checksums=False).val_dataloader()
+    with pytest.raises(UsageError, match=r"val_fraction must be in \(0, 1\)"):
+        CIFAR10DataModule(root=str(tmp_path), val_fraction=1.0)
     ref = dm.fid_reference("test")
     assert ref.dataset[3].dtype == torch.uint8 and torch.equal(ref.dataset[3].flatten(), torch.from_numpy(written["test_batch"][0][3]))
     with pytest.raises(MissingDataError, match="verify_checksums"):  # fixtures are not the official files
@@ -60,7 +75,8 @@ def test_cifar10_reads_python_batches(tmp_path):
 
 def test_random_flip_mirrors_training_images_only(tmp_path):
     write_cifar10(tmp_path)
-    dm = CIFAR10DataModule(root=str(tmp_path), download=False, verify_checksums=False, batch_size=4, num_workers=0)
+    dm = CIFAR10DataModule(root=str(tmp_path), download=False, verify_checksums=False, batch_size=4, num_workers=0,
+                           val_fraction=0.2)
     dm.setup("fit")
     torch.manual_seed(0)
     train, test = dm.train_dataloader().dataset, dm.test_dataloader().dataset
@@ -135,19 +151,54 @@ def test_fashion_mnist_unpacks_read_only_gz_into_cache(tmp_path, monkeypatch):
     read_only(root)
     before = sorted(p.name for p in root.rglob("*"))
     monkeypatch.setenv("DBL_CACHE", str(tmp_path / "cache"))
-    dm = FashionMNISTDataModule(root=str(root), batch_size=4, eval_batch_size=2, random_flip=False)
+    dm = FashionMNISTDataModule(root=str(root), batch_size=4, eval_batch_size=2, random_flip=False, val_fraction=0.25)
     assert dm.cache_dir == tmp_path / "cache" / "fashion-mnist"
     dm.setup("fit")
     assert sorted(p.name for p in root.rglob("*")) == before  # nothing written next to the read-only data
-    assert (dm.cache_dir / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()
-    x, y = dm.train_dataloader().dataset[1]
+    (unpacked,) = (dm.cache_dir / "unpacked").iterdir()  # keyed by the .gz files' content
+    assert sorted(p.name for p in (unpacked / "FashionMNIST" / "raw").iterdir()) == sorted(RAW_FILES)
+    x, y = dm.train_dataloader().dataset[0]  # training image 1 (images 0, 5 and 8 are validation's)
     assert x.shape == (1, 32, 32) and y == written["train"][1][1]
     assert torch.all(x[:, :2] == -1) and torch.all(x[:, :, -2:] == -1)  # black 2-pixel border
     assert torch.equal(x[0, 2:30, 2:30], torch.from_numpy(written["train"][0][1]).float() / 127.5 - 1)
     assert [len(b[0]) for b in dm.test_dataloader()] == [2, 2, 1]
+    assert torch.cat([b[1] for b in dm.val_dataloader()]).tolist() == written["train"][1][[0, 5, 8]].tolist()
     rgb = FashionMNISTDataModule(root=str(root), channels=3, image_size=28)
     rgb.setup("test")
     assert rgb.fid_reference("test").dataset[0].shape == (3, 28, 28)
+
+
+def test_fashion_mnist_damaged_gz_never_reaches_the_cache(tmp_path):
+    """A .gz holding half its payload, and a truncated .gz: one-line errors naming the file, nothing
+    left in the cache; once the .gz is fixed, it is unpacked afresh (the cache is keyed by content)."""
+    root, cache = tmp_path / "fm", tmp_path / "cache"
+    raw = root / "FashionMNIST" / "raw"
+    written = write_idx_gz(raw, n_train=4, n_test=2)
+    images = raw / "train-images-idx3-ubyte.gz"
+    good = images.read_bytes()
+    with gzip.open(images, "wb") as f:  # a whole gzip stream, but only 2 of the 4 images its header announces
+        f.write(struct.pack(">IIII", 2051, 4, 28, 28) + written["train"][0][:2].tobytes())
+    dm = FashionMNISTDataModule(root=str(root), cache_dir=str(cache), val_fraction=0.25)
+    with pytest.raises(MissingDataError) as err:
+        dm.prepare_data()
+    assert str(err.value) == (f"{images} is damaged (ValueError: holds 1,584 bytes, but its header [4, 28, 28] needs "
+                              f"3,152); replace it with the original Fashion-MNIST file")
+    assert list((cache / "unpacked").iterdir()) == []
+    images.write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(MissingDataError, match=f"{images} is damaged \\(EOFError"):
+        FashionMNISTDataModule(root=str(root), cache_dir=str(cache)).prepare_data()
+    assert list((cache / "unpacked").iterdir()) == []
+    images.write_bytes(good)  # fixed
+    fixed = FashionMNISTDataModule(root=str(root), cache_dir=str(cache), val_fraction=0.25, batch_size=3)
+    fixed.setup("fit")
+    assert torch.equal(fixed._images["train"][:, 0, 2:30, 2:30], torch.from_numpy(written["train"][0]))
+    assert len(list((cache / "unpacked").iterdir())) == 1
+    with gzip.open(images, "wb") as f:  # replaced by other (valid) images: read afresh, not from the cache
+        f.write(struct.pack(">IIII", 2051, 4, 28, 28) + (255 - written["train"][0]).tobytes())
+    replaced = FashionMNISTDataModule(root=str(root), cache_dir=str(cache), val_fraction=0.25)
+    replaced.setup("fit")
+    assert torch.equal(replaced._images["train"][:, 0, 2:30, 2:30], torch.from_numpy(255 - written["train"][0]))
+    assert len(list((cache / "unpacked").iterdir())) == 2
 
 
 def test_fashion_mnist_missing_is_one_line_error(tmp_path):
@@ -239,7 +290,14 @@ def test_latent_shards_round_trip(tmp_path, monkeypatch):
     assert batch.shape == (2, 4, 2, 2)
     decoded = dm.decode_samples(z[None])
     assert torch.allclose(decoded, FakeVAE().decode(z[None] / 0.5).sample.clamp(-1, 1))
-    assert [len(b[0]) for b in dm.val_dataloader()] == [2, 1]  # no val shards: evaluates on train latents
+    with pytest.raises(UsageError) as err:  # no val shards: an error, not the training latents in disguise
+        dm.val_dataloader()
+    assert str(err.value) == (f"ImageNet has no validation folder {tmp_path / 'lat' / 'val'}: encode it with "
+                              f"tools/encode_latents.py --split val, or set trainer.limit_val_batches: 0 to train "
+                              f"without validation")
+    pixels_only = ImageNetDataModule(root=str(tmp_path / "lat"), image_size=16, num_workers=0)  # train/ but no val/
+    with pytest.raises(UsageError, match=f"no validation folder {tmp_path / 'lat' / 'val'}: put the validation images"):
+        pixels_only.test_dataloader()
 
 
 def test_imagenet_missing_tree_is_one_line_error(tmp_path):

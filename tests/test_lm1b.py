@@ -121,7 +121,8 @@ def test_data_module_packs_caches_and_prompts(data_root, vocab_dir, monkeypatch)
     assert mask.eq(1).all()  # packed rows: every position is a real token
     assert (tokens == dm.tokenizer.unk_token_id).sum() == 0  # detokenised text still maps onto the vocab
     total = sum(len(dm.tokenizer(detokenizer()(s))["input_ids"]) for s in SENTENCES) * 12  # [CLS] ... [SEP]
-    assert len(dm.splits["train"]) == total // 16
+    held_out = sum(len(ids) for ids in dm.splits["validation_sentences"]["input_ids"])  # validation's 8 sentences
+    assert len(dm.splits["train"]) == (total - held_out) // 16
     assert len(dm.splits["heldout_sentences"]) == 3 * len(SENTENCES)
     prompts, refs = dm.generation_examples(3, 4, 8)
     assert prompts.shape == (3, 4) and refs.shape == (3, 8)
@@ -131,6 +132,92 @@ def test_data_module_packs_caches_and_prompts(data_root, vocab_dir, monkeypatch)
     again = make_data(data_root, vocab_dir)
     again.setup("fit")
     assert torch.equal(again.splits["train"][:]["input_ids"], dm.splits["train"][:]["input_ids"])
+
+
+def test_validation_is_held_out_of_training_and_every_token_is_scored(tmp_path, vocab_dir):
+    """96 training sentences (SENTENCES x 6, then reversed x 6), 24 held-out; seed 0 holds out training
+    sentences 25, 29, 48, 59, 78. Token counts ([CLS] ... [SEP]) per sentence: 13 17 12 12 14 14 14 12."""
+    write_archive(tmp_path)
+    dm = make_data(tmp_path, vocab_dir, val_sentences=5)
+    dm.setup("fit")
+    val_sentences = dm.splits["validation_sentences"]["input_ids"]
+    expected = [SENTENCES[1], SENTENCES[5], SENTENCES[7], SENTENCES[4], SENTENCES[1]]
+    assert [dm.decode(ids) for ids in val_sentences] == [dm.decode(dm.tokenizer(detokenizer()(s))["input_ids"]) for s in expected]
+    # training: 12 x 108 tokens minus the validation's 17+14+12+14+17 = 74, packed: 1222 // 16 rows
+    assert len(dm.splits["train"]) == 76
+    # validation: 74 tokens = 4 full rows and a last row of 10 real tokens, padded and masked
+    val_tokens, val_mask = (torch.cat(parts) for parts in zip(*dm.val_dataloader()))
+    assert val_mask.sum(1).tolist() == [16, 16, 16, 16, 10]
+    assert val_tokens[val_mask.bool()].tolist() == sum(val_sentences, [])
+    assert val_tokens[-1, 10:].tolist() == [dm.tokenizer.pad_token_id] * 6
+    # test: all 3 x 108 = 324 held-out tokens scored: 20 full rows and one of 4
+    test_tokens, test_mask = (torch.cat(parts) for parts in zip(*dm.test_dataloader()))
+    assert test_mask.sum(1).tolist() == [16] * 20 + [4]
+    assert test_tokens[test_mask.bool()].tolist() == sum(dm.splits["heldout_sentences"]["input_ids"], [])
+    # generation prompts: from the validation sentences at validation, the held-out ones at test
+    prompts, refs = dm.generation_examples(1, 4, 8, split="validation")
+    assert torch.cat([prompts, refs], 1)[0].tolist() == val_sentences[0][:12]
+    prompts, refs = dm.generation_examples(1, 4, 8)
+    assert torch.cat([prompts, refs], 1)[0].tolist() == dm.splits["heldout_sentences"]["input_ids"][0][:12]
+
+
+def test_download_true_fetches_the_archive(tmp_path, vocab_dir, monkeypatch):
+    """The default online path, with urlretrieve mocked: no network."""
+    from dbl.data.lm1b import ARCHIVE_URL
+    from dbl.errors import MissingDataError
+
+    source = write_archive(tmp_path / "source").read_bytes()
+    calls = []
+
+    def fetch(url, path, reporthook=None, payload=source):
+        calls.append(url)
+        with open(path, "wb") as f:
+            f.write(payload)
+        return path, None
+
+    # a download cut in half: a one-line error, and nothing left in root
+    monkeypatch.setattr("urllib.request.urlretrieve", lambda url, path, reporthook=None: fetch(url, path, payload=source[: len(source) // 2]))
+    root = tmp_path / "lm1b"
+    with pytest.raises(MissingDataError, match=f"downloading {ARCHIVE_URL} failed .*; put {ARCHIVE} at"):
+        make_data(root, vocab_dir, download=True).prepare_data()
+    assert list(root.iterdir()) == []
+    monkeypatch.setattr("urllib.request.urlretrieve", fetch)
+    dm = make_data(root, vocab_dir, download=True)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert calls == [ARCHIVE_URL, ARCHIVE_URL]
+    assert (root / ARCHIVE).read_bytes() == source
+    assert sorted(p.name for p in root.iterdir()) == sorted([ARCHIVE, TOP_DIR, "hf_cache", "tokenized"])
+    assert len(dm.splits["heldout_sentences"]) == 24 and len(dm.splits["test"]) == 21
+
+
+def test_caches_follow_the_source_and_are_written_atomically(tmp_path, vocab_dir, monkeypatch):
+    from datasets import DatasetDict
+
+    write_archive(tmp_path)
+    real_save = DatasetDict.save_to_disk
+
+    def crash(self, path, **kw):
+        real_save(self, path, **kw)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(DatasetDict, "save_to_disk", crash)
+    with pytest.raises(OSError, match="disk full"):
+        make_data(tmp_path, vocab_dir).setup("fit")
+    assert list((tmp_path / "tokenized").iterdir()) == []  # nothing half-written left behind
+    monkeypatch.setattr(DatasetDict, "save_to_disk", real_save)
+    first = make_data(tmp_path, vocab_dir)
+    first.setup("fit")
+    assert len(first.splits["test"]) == 21  # 3 x 108 held-out tokens
+    # the archive replaced by one with 2 copies of the held-out sentences: extracted and tokenised afresh
+    write_archive(tmp_path, heldout_copies=2)
+    second = make_data(tmp_path, vocab_dir)
+    second.setup("fit")
+    assert len(second.splits["heldout_sentences"]) == 16
+    assert second.splits["test"][:]["loss_mask"].sum().item() == 216  # 2 x 108: 13 full rows and one of 8
+    assert len(second.splits["test"]) == 14
+    assert len(list((tmp_path / "tokenized").iterdir())) == 2
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_data_module_padding_masks_padding(data_root, vocab_dir):
@@ -397,7 +484,7 @@ def test_cli_reports_vocab_mismatch(data_root, vocab_dir, tmp_path, capsys):
         main(["fit", "--model", "dbl.training.autoregressive.NextTokenLMModule", "--model.network", "dbl.models.llama.Llama",
               "--model.network.vocab_size", "8", "--model.network.hidden_size", "32", "--model.network.depth", "2",
               "--model.network.num_heads", "2", "--data", "dbl.data.LM1BDataModule", "--data.root", str(data_root),
-              "--data.download", "false", "--data.tokenizer", str(vocab_dir), "--data.seq_len", "16",
+              "--data.download", "false", "--data.tokenizer", str(vocab_dir), "--data.seq_len", "16", "--data.val_sentences", "8",
               "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.max_steps", "1",
               "--trainer.default_root_dir", str(tmp_path)])
     assert exit_.value.code == 2

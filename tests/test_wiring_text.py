@@ -298,19 +298,25 @@ def test_lm1b_eval_loaders_keep_every_row(packing, tmp_path):
     dm.setup("fit")
     val, test = list(dm.val_dataloader()), list(dm.test_dataloader())
     held_out = [dm.tokenizer(detokenizer()(s))["input_ids"] for s in SENTENCES * 3]  # [CLS] ... [SEP]
-    if packing:  # concatenated, cut into rows of 16; the incomplete tail is dropped
-        flat_val, flat_all = sum(held_out[:10], []), sum(held_out, [])
-        val_rows = torch.tensor(flat_val[: len(flat_val) // 16 * 16]).view(-1, 16)
-        test_rows = torch.tensor(flat_all[: len(flat_all) // 16 * 16]).view(-1, 16)
+    validation = dm.splits["validation_sentences"]["input_ids"]  # 10 training sentences held out
+    assert len(validation) == 10
+
+    def packed(sentences):  # concatenated, cut into rows of 16; the incomplete tail padded with [PAD] = 0
+        flat = sum(sentences, [])
+        return torch.tensor(flat + [0] * (-len(flat) % 16)).view(-1, 16)
+
+    if packing:
+        val_rows, test_rows = packed(validation), packed(held_out)
     else:  # one sentence per row, truncated to 16
-        val_rows = [len(s[:16]) for s in held_out[:10]]
+        val_rows = [len(s[:16]) for s in validation]
         test_rows = [len(s[:16]) for s in held_out]
-    assert len(val_rows) % 7 and len(test_rows) % 7  # both end in a partial batch
+    assert len(val_rows) % 7  # ends in a partial batch
     assert [len(b[0]) for b in val] == batch_sizes(len(val_rows), 7)
     assert [len(b[0]) for b in test] == batch_sizes(len(test_rows), 7)
     if packing:
         assert torch.equal(torch.cat([b[0] for b in val]), val_rows)
         assert torch.equal(torch.cat([b[0] for b in test]), test_rows)
+        assert torch.cat([b[1] for b in test]).sum().item() == sum(map(len, held_out))  # every token scored
     else:
         assert torch.cat([b[1] for b in val]).sum(1).long().tolist() == val_rows
         assert torch.cat([b[1] for b in test]).sum(1).long().tolist() == test_rows

@@ -40,7 +40,12 @@ def main(argv: list[str] | None = None) -> None:
     missing = [str(p) for p in args.checkpoints if not p.is_file()]
     if missing:
         sys.exit(f"merge_blocks: no such checkpoint: {', '.join(missing)}")
-    checkpoints = [torch.load(p, map_location="cpu", weights_only=False) for p in args.checkpoints]
+    checkpoints = []
+    for path in args.checkpoints:
+        try:  # checkpoints are data, never code: weights_only
+            checkpoints.append(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as err:
+            sys.exit(f"merge_blocks: {path} cannot be read as a checkpoint ({str(err).strip().splitlines()[0][:160]})")
     recorded = checkpoints[0].get("hyper_parameters", {})
     overrides = ["--model.init_args.train_blocks", "null"]
     for key in STRUCTURE:

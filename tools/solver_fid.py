@@ -84,7 +84,7 @@ def main() -> None:
 
     cli = load_experiment(args.config, portable_trainer=True)
     module, datamodule = cli.model, cli.datamodule
-    module.load_state_dict(torch.load(args.ckpt_path, map_location="cpu", weights_only=False)["state_dict"])
+    module.load_state_dict(torch.load(args.ckpt_path, map_location="cpu", weights_only=True)["state_dict"])
     rows = []
     for solver in args.solvers:
         for steps in args.steps:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
 from torchvision.datasets import CIFAR10
 
-from dbl.data.images import InMemoryImageDataModule, default_cache_dir, is_writable
-from dbl.errors import MissingDataError
+from dbl.data.checks import check_loader_options
+from dbl.data.images import InMemoryImageDataModule, check_val_fraction, default_cache_dir, is_writable
+from dbl.errors import MissingDataError, UsageError
 
 BATCH_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch", "batches.meta")
 
@@ -39,6 +41,9 @@ class CIFAR10DataModule(InMemoryImageDataModule):
         batch_size: training batch size (training drops the last partial batch; evaluation does not).
         eval_batch_size: batch size of validation/test loaders; default ``batch_size``.
         random_flip: mirror training images left-right with probability 1/2 (DiT/EDM practice).
+        val_fraction: share of the official training images held out for validation (a seeded
+            split; default 2%: 1,000 of CIFAR-10's 50,000); the test split is kept for ``dbl test``.
+        seed: seed of that split.
         num_predict: number of samples ``dbl predict`` generates, labels cycling 0..9.
         num_workers: DataLoader workers.
     """
@@ -54,10 +59,15 @@ class CIFAR10DataModule(InMemoryImageDataModule):
         batch_size: int = 128,
         eval_batch_size: int | None = None,
         random_flip: bool = True,
+        val_fraction: float = 0.02,
+        seed: int = 0,
         num_predict: int = 100,
         num_workers: int = 4,
     ):
         super().__init__()
+        check_val_fraction(val_fraction)
+        check_loader_options(batch_size=batch_size, eval_batch_size=eval_batch_size, num_predict=num_predict,
+                             num_workers=num_workers)
         self.save_hyperparameters()
         self.root = Path(root).expanduser()
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else (
@@ -82,6 +92,23 @@ class CIFAR10DataModule(InMemoryImageDataModule):
         except (OSError, RuntimeError) as err:  # URLError is an OSError
             raise self._missing(f"download failed: {type(err).__name__}: {err}") from err
 
+    def _unreadable(self, err: Exception) -> UsageError:
+        """A file that is not a CIFAR-10 python batch (truncated, corrupt): name the first such file."""
+        folder = self.root / CIFAR10.base_folder
+        for name in BATCH_FILES:
+            try:
+                with open(folder / name, "rb") as f:
+                    batch = pickle.load(f, encoding="latin1")
+                if name != "batches.meta" and ("data" not in batch or len(batch["data"]) != len(batch["labels"])):
+                    raise ValueError("no data and labels of equal length")
+            except Exception as file_err:  # whatever is wrong with it, this is the file to replace
+                err = file_err
+                break
+        else:
+            name = "?"
+        return UsageError(f"{folder / name} is not a CIFAR-10 python batch ({type(err).__name__}: {err}); replace it "
+                          f"(unpack cifar-10-python.tar.gz again into {self.root})")
+
     def _load(self, split: str) -> None:
         if split in self._images:
             return
@@ -94,6 +121,8 @@ class CIFAR10DataModule(InMemoryImageDataModule):
                 f"CIFAR-10 files in {self.root / CIFAR10.base_folder} do not match the official md5s; "
                 f"replace them, or set verify_checksums: false for a re-packed copy"
             ) from err
+        except (pickle.UnpicklingError, EOFError, ValueError, KeyError, AttributeError, ImportError, IndexError) as err:
+            raise self._unreadable(err) from None
         self._images[split] = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # HWC -> CHW, uint8
         self._labels[split] = torch.tensor(ds.targets, dtype=torch.long)
 

@@ -8,6 +8,7 @@ compared with the center-cropped pixel images.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from dbl.data.checks import check_loader_options
 from dbl.data.images import ReferenceImages, default_cache_dir, is_writable
 from dbl.data.latents import LatentShardDataset, load_vae, read_meta
 from dbl.errors import MissingDataError, UsageError
@@ -53,9 +55,24 @@ class CenterCroppedImageFolder(Dataset):
         return len(self.folder)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image, label = self.folder[i]  # PIL RGB
+        try:
+            image, label = self.folder[i]  # PIL RGB
+        except OSError as err:  # not an image, truncated, unreadable (PIL's UnidentifiedImageError is an OSError)
+            raise UsageError(f"{self.folder.samples[i][0]} is not a readable image ({type(err).__name__}: {err}); "
+                             f"remove or replace it") from None
         arr = np.array(center_crop_arr(image, self.image_size))
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), label
+
+    def fingerprint(self) -> str:
+        """A hash of every image file's path (relative to the folder), size, modification time and
+        label, and the crop size: a changed, added or removed image changes it (without reading
+        1.28M images)."""
+        root = Path(self.folder.root)
+        digest = hashlib.sha256(f"image_size={self.image_size}".encode())
+        for path, label in self.folder.samples:
+            st = Path(path).stat()
+            digest.update(f"\n{Path(path).relative_to(root)}\t{st.st_size}\t{st.st_mtime_ns}\t{label}".encode())
+        return digest.hexdigest()[:16]
 
 
 class _Scaled(Dataset):
@@ -84,15 +101,21 @@ class _ImagesOnly(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.base[i][0]
 
+    def fingerprint(self) -> str:
+        return self.base.fingerprint()
+
 
 class ImageNetDataModule(L.LightningDataModule):
     """ImageNet in pixels (``latents`` unset) or as VAE latents (``latents`` set).
+
+    Validation and test use ``val/`` (ImageNet's validation set); without it they raise a one-line
+    ``UsageError`` naming the folder (``trainer.limit_val_batches: 0`` trains without validation).
 
     Args:
         root: ImageFolder root with ``train/`` and ``val/`` (class sub-folders, as
             ``torchvision.datasets.ImageFolder`` reads). Needed for pixel training and for FID
             reference images; a latent-only run without FID can leave it unset.
-        latents: folder with ``train/`` (and optionally ``val/``) latent shards written by
+        latents: folder with ``train/`` and ``val/`` latent shards written by
             ``tools/encode_latents.py``; when set, batches are latents and generated samples are
             decoded by the VAE for FID.
         image_size: side of the center crop (256 for the paper).
@@ -106,7 +129,17 @@ class ImageNetDataModule(L.LightningDataModule):
             with latents, ``random_flip`` picks the stored mirror-image latent when there is one.
     """
 
-    num_classes = 1000
+    @property
+    def num_classes(self) -> int:
+        """Classes of the training data: the latents' class list, else the class folders of
+        ``root/train``; 1000 (ImageNet) when neither says."""
+        if self.latents is not None:
+            classes = read_meta(self.latents / "train").get("classes")
+            if classes:
+                return len(classes)
+        elif self.root is not None and (self.root / "train").is_dir():
+            return sum(1 for d in (self.root / "train").iterdir() if d.is_dir()) or 1000
+        return 1000
 
     def __init__(
         self,
@@ -125,7 +158,9 @@ class ImageNetDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if root is None and latents is None:
-            raise ValueError("ImageNetDataModule needs root (an ImageFolder tree) and/or latents (encoded shards)")
+            raise UsageError("ImageNetDataModule needs root (an ImageFolder tree) and/or latents (encoded shards)")
+        check_loader_options(batch_size=batch_size, eval_batch_size=eval_batch_size, num_predict=num_predict,
+                             decode_batch_size=decode_batch_size, image_size=image_size, num_workers=num_workers)
         self.save_hyperparameters()
         self.root = Path(root).expanduser() if root else None
         self.latents = Path(latents).expanduser() if latents else None
@@ -158,17 +193,23 @@ class ImageNetDataModule(L.LightningDataModule):
         return _Scaled(CenterCroppedImageFolder(self.root / folder, self.hparams.image_size),
                        random_flip=train and self.hparams.random_flip)
 
-    def _has_eval_split(self) -> bool:
+    def _eval_folder(self) -> str:
+        """``val``, which validation and test both use; without it a one-line error (never the
+        training images in disguise)."""
         base = self.latents or self.root
-        return (base / "val").is_dir()
+        if not (base / "val").is_dir():
+            fix = ("encode it with tools/encode_latents.py --split val" if self.latents is not None
+                   else "put the validation images there, one sub-folder per class")
+            raise UsageError(f"ImageNet has no validation folder {base / 'val'}: {fix}, "
+                             f"or set trainer.limit_val_batches: 0 to train without validation")
+        return "val"
 
     def train_dataloader(self) -> DataLoader:
         return StatefulDataLoader(self._dataset("train", True), batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
                           num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
 
     def _eval_loader(self) -> DataLoader:
-        split = "val" if self._has_eval_split() else "train"
-        return DataLoader(self._dataset(split, False), batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
+        return DataLoader(self._dataset(self._eval_folder(), False), batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
                           num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:

@@ -4,16 +4,22 @@ Source: the release archive ``1-billion-word-language-modeling-benchmark-r13outp
 (downloaded into ``root`` when online and ``download`` is true; otherwise put it there), or a
 Hugging Face ``datasets`` id (``hf_dataset``, splits ``train``/``test``, column ``text``).
 Train = ``training-monolingual.tokenized.shuffled/news.en-*``; held-out =
-``heldout-monolingual.tokenized.shuffled/news.en.heldout-*`` (validation uses its first
-``val_sentences`` sentences, test all of it; LM1B has no separate validation split).
+``heldout-monolingual.tokenized.shuffled/news.en.heldout-*`` = test, kept for ``dbl test``. LM1B
+has no validation split, so validation holds out ``val_sentences`` training sentences (a random
+choice seeded with ``seed``, removed from training); generation prompts for validation come from
+those sentences, for test from the held-out ones.
 
 The release is Moses-tokenised (``don 't``, ``" fine , "``); lines are detokenised with
 sacremoses before the model's tokenizer sees them, so that subword tokenizers get natural text.
 Sentences become sequences of ``seq_len`` tokens either packed (concatenated with the
 tokenizer's own separators and cut; every position counts) or padded (one sentence per row,
-truncated; padding is masked out of the loss). The processed splits are saved under
-``<root>/tokenized/<key>``, where the key hashes the tokenizer and every processing option, so the
-second run starts without tokenising again.
+truncated; padding is masked out of the loss). Validation and test are packed as one stream whose
+last, incomplete row is padded and masked, so every token of them is scored; training drops the
+incomplete tail of every 1,000 sentences. The processed splits are saved under
+``<root>/tokenized/<key>``, where the key hashes the source files' content (names, sizes, and
+their first and last 64 KiB), the tokenizer and every processing option, so the second run starts
+without tokenising again; they are written to a temporary folder, read back and checked, then
+renamed into place.
 
 Batches: ``(tokens [N, seq_len] long, loss_mask [N, seq_len] float)``.
 """
@@ -22,7 +28,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import tarfile
+import tempfile
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -31,6 +40,9 @@ import torch
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from dbl.data.checks import check_loader_options
+from dbl.data.download import atomic_path
+from dbl.data.download import download as download_file
 from dbl.errors import MissingDataError, UsageError
 from dbl.hub import from_pretrained, resolve
 
@@ -75,30 +87,82 @@ def ensure_archive(root: Path, download: bool, archive: Path | None = None) -> P
 
     ``archive``: where the tarball is (default ``<root>/<ARCHIVE>``, where a download goes).
     """
-    top = root / TOP_DIR
-    if (top / ".extracted").exists():
-        return top
+    top, marker = root / TOP_DIR, root / TOP_DIR / ".extracted"
     archive = archive or root / ARCHIVE
+    if marker.exists() and (not archive.exists() or marker.read_text() == file_stamp(archive)):
+        return top  # extracted from this very archive (or the archive is gone and the files stay)
     if not archive.exists():
         if archive != root / ARCHIVE:
             raise MissingDataError(f"LM1B archive {archive} does not exist; fix data.init_args.archive or leave it unset")
         if not download:
             raise MissingDataError(f"LM1B archive not found: put {ARCHIVE} into {root} (or set download: true when online)")
-        download(ARCHIVE_URL, archive)
-    with tarfile.open(archive) as tar:
-        wanted = [m for m in tar.getmembers() if m.isfile() and any(
-            fnmatch(m.name, f"{TOP_DIR}/{pattern}") for pattern in (TRAIN_GLOB, HELDOUT_GLOB))]
-        if not wanted:
-            raise UsageError(f"{archive} does not have the LM1B layout: no {TOP_DIR}/{TRAIN_GLOB} files")
-        tar.extractall(root, members=wanted, filter="data")
-    (top / ".extracted").touch()
+        download_file(ARCHIVE_URL, archive, check=_archive_members)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{TOP_DIR}.", suffix=".tmp", dir=root))
+    try:  # extract next to the target, then swap it in: a failure leaves no half-extracted tree
+        try:
+            with tarfile.open(archive) as tar:
+                wanted = _archive_members(archive, tar)
+                tar.extractall(staging, members=wanted, filter="data")
+        except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+            raise UsageError(f"LM1B archive {archive} is damaged or not the release ({type(err).__name__}: {err}); "
+                             f"replace it") from None
+        (staging / TOP_DIR / ".extracted").write_text(file_stamp(archive))
+        if top.exists():
+            os.replace(top, staging / "old")
+        os.replace(staging / TOP_DIR, top)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return top
+
+
+def file_stamp(path: Path) -> str:
+    """Size and modification time of a file: a replaced archive is extracted again."""
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _archive_members(path: Path, tar: tarfile.TarFile | None = None) -> list[tarfile.TarInfo]:
+    """The archive's train and held-out files; reads the whole archive (a truncated one raises)."""
+    if tar is None:
+        try:
+            with tarfile.open(path) as opened:
+                return _archive_members(path, opened)
+        except tarfile.TarError as err:
+            raise ValueError(f"{path.name} is not a readable tar archive: {err}") from None
+    wanted = [m for m in tar.getmembers() if m.isfile() and any(
+        fnmatch(m.name, f"{TOP_DIR}/{pattern}") for pattern in (TRAIN_GLOB, HELDOUT_GLOB))]
+    if not any(fnmatch(m.name, f"{TOP_DIR}/{TRAIN_GLOB}") for m in wanted):
+        raise UsageError(f"{path} does not have the LM1B layout: no {TOP_DIR}/{TRAIN_GLOB} files")
+    return wanted
+
+
+def files_fingerprint(paths: list[Path], base: Path) -> str:
+    """A hash of files' names (relative to ``base``), sizes and first and last 64 KiB."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        size = path.stat().st_size
+        digest.update(f"\n{path.relative_to(base)}\t{size}\t".encode())
+        with open(path, "rb") as f:
+            digest.update(f.read(1 << 16))
+            f.seek(max(0, size - (1 << 16)))
+            digest.update(f.read(1 << 16))
+    return digest.hexdigest()[:16]
 
 
 def pack(sequences: list[list[int]], seq_len: int) -> list[list[int]]:
     """Concatenate token lists and cut into rows of ``seq_len``; the incomplete tail is dropped."""
     flat = [t for seq in sequences for t in seq]
     return [flat[i : i + seq_len] for i in range(0, len(flat) - seq_len + 1, seq_len)]
+
+
+def pack_all(sequences: list[list[int]], seq_len: int, pad_id: int) -> tuple[list[list[int]], list[list[float]]]:
+    """As ``pack``, but the incomplete tail is kept as a last row right-padded with ``pad_id``
+    (mask 0 there, 1 on every real token): every token lands in exactly one row."""
+    flat = [t for seq in sequences for t in seq]
+    rows = [flat[i : i + seq_len] for i in range(0, len(flat), seq_len)]
+    masks = [[1.0] * len(r) + [0.0] * (seq_len - len(r)) for r in rows]
+    return [r + [pad_id] * (seq_len - len(r)) for r in rows], masks
 
 
 def pad(sequences: list[list[int]], seq_len: int, pad_id: int) -> tuple[list[list[int]], list[list[float]]]:
@@ -130,7 +194,9 @@ class LM1BDataModule(L.LightningDataModule):
         packing: pack sentences into full rows (true) or pad one sentence per row (false).
         detokenize: undo the release's Moses tokenisation before tokenising.
         batch_size: training batch size; ``eval_batch_size`` for validation/test (default the same).
-        val_sentences: held-out sentences used for validation (the test split uses all of them).
+        val_sentences: training sentences held out for validation (a random choice seeded with
+            ``seed``, removed from training); the test split is all held-out sentences.
+        seed: seed of that choice.
         max_train_sentences: use only the first N training sentences (quick runs); None: all.
         num_proc: worker processes for tokenising (``datasets.map``).
         num_workers: DataLoader workers.
@@ -150,7 +216,8 @@ class LM1BDataModule(L.LightningDataModule):
         detokenize: bool = True,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
-        val_sentences: int | None = 10000,
+        val_sentences: int = 10000,
+        seed: int = 0,
         max_train_sentences: int | None = None,
         num_proc: int | None = None,
         num_workers: int = 0,
@@ -159,10 +226,12 @@ class LM1BDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+            raise UsageError(f"seq_len must be >= 2, got {seq_len}")
         for name, value in (("batch_size", batch_size), ("val_sentences", val_sentences), ("max_train_sentences", max_train_sentences)):
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+                raise UsageError(f"{name} must be >= 1, got {value}")
+        check_loader_options(eval_batch_size=eval_batch_size, predict_batch_size=predict_batch_size, num_proc=num_proc,
+                             num_workers=num_workers)
         self.save_hyperparameters()
         self.root = Path(root).expanduser()
         self._tokenizer = None
@@ -185,24 +254,31 @@ class LM1BDataModule(L.LightningDataModule):
         return t.cls_token_id if t.cls_token_id is not None else t.bos_token_id
 
     # -- reading and processing --------------------------------------------------------------
-    def _raw_splits(self):
+    def _source(self) -> tuple[dict[str, str] | None, str]:
+        """The text files to read (None for ``hf_dataset``) and a fingerprint of their content."""
+        if self.hparams.hf_dataset:
+            return None, f"hf:{self.hparams.hf_dataset}"
+        archive = Path(self.hparams.archive).expanduser() if self.hparams.archive else None
+        top = ensure_archive(self.root, self.hparams.download, archive)
+        files = sorted(top.glob(TRAIN_GLOB)) + sorted(top.glob(HELDOUT_GLOB))
+        return {"train": str(top / TRAIN_GLOB), "heldout": str(top / HELDOUT_GLOB)}, files_fingerprint(files, top)
+
+    def _raw_splits(self, files: dict[str, str] | None, fingerprint: str):
         from datasets import load_dataset
 
         cache = str(self.root / "hf_cache")
-        if self.hparams.hf_dataset:
+        if files is None:
             raw = load_dataset(self.hparams.hf_dataset, cache_dir=cache)
             return raw["train"], raw["test"]
-        archive = Path(self.hparams.archive).expanduser() if self.hparams.archive else None
-        top = ensure_archive(self.root, self.hparams.download, archive)
-        files = {"train": str(top / TRAIN_GLOB), "heldout": str(top / HELDOUT_GLOB)}
-        raw = load_dataset("text", data_files=files, cache_dir=cache)
+        # the configuration name carries the content fingerprint: datasets' own cache of the parsed
+        # text is keyed by paths and modification times, which a re-extracted archive may repeat
+        raw = load_dataset("text", name=f"lm1b-{fingerprint}", data_files=files, cache_dir=cache)
         return raw["train"], raw["heldout"]
 
-    def _cache_key(self) -> str:
+    def _cache_key(self, source_fingerprint: str) -> str:
         hp = self.hparams
-        source = hp.hf_dataset or f"archive:{ARCHIVE}"
-        parts = [source, tokenizer_fingerprint(self.tokenizer), hp.seq_len, hp.packing, hp.detokenize,
-                 hp.val_sentences, hp.max_train_sentences, "v1"]
+        parts = [source_fingerprint, tokenizer_fingerprint(self.tokenizer), hp.seq_len, hp.packing, hp.detokenize,
+                 hp.val_sentences, hp.seed, hp.max_train_sentences, "v2"]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
     def _tokenize(self, dataset):
@@ -218,10 +294,15 @@ class LM1BDataModule(L.LightningDataModule):
         return dataset.map(encode, batched=True, remove_columns=dataset.column_names, num_proc=self.hparams.num_proc,
                            desc="tokenising")
 
-    def _rows(self, dataset):
+    def _rows(self, dataset, every_token: bool = False):
+        """Rows of ``seq_len`` tokens. ``every_token`` (evaluation): packing runs over the whole split
+        at once and keeps its last, incomplete row (padded, masked), so no token goes unscored."""
         hp, pad_id = self.hparams, self.tokenizer.pad_token_id
 
         def to_rows(batch):
+            if hp.packing and every_token:
+                rows, masks = pack_all(batch["input_ids"], hp.seq_len, pad_id if pad_id is not None else 0)
+                return {"input_ids": rows, "loss_mask": masks}
             if hp.packing:
                 rows = pack(batch["input_ids"], hp.seq_len)
                 return {"input_ids": rows, "loss_mask": [[1.0] * hp.seq_len for _ in rows]}
@@ -230,8 +311,9 @@ class LM1BDataModule(L.LightningDataModule):
             rows, masks = pad(batch["input_ids"], hp.seq_len, pad_id)
             return {"input_ids": rows, "loss_mask": masks}
 
-        return dataset.map(to_rows, batched=True, batch_size=1000, remove_columns=dataset.column_names,
-                           num_proc=self.hparams.num_proc, desc="packing" if hp.packing else "padding")
+        whole = hp.packing and every_token  # one batch, one process: a single tail for the whole split
+        return dataset.map(to_rows, batched=True, batch_size=None if whole else 1000, remove_columns=dataset.column_names,
+                           num_proc=None if whole else self.hparams.num_proc, desc="packing" if hp.packing else "padding")
 
     def prepare_data(self) -> None:
         self._load_or_build()
@@ -239,17 +321,39 @@ class LM1BDataModule(L.LightningDataModule):
     def _load_or_build(self) -> dict:
         from datasets import DatasetDict, load_from_disk
 
-        path = self.root / "tokenized" / self._cache_key()
+        files, fingerprint = self._source()
+        path = self.root / "tokenized" / self._cache_key(fingerprint)
         if (path / "dataset_dict.json").exists():
             return load_from_disk(str(path))
-        train, heldout = self._raw_splits()
+        train, heldout = self._raw_splits(files, fingerprint)
         if self.hparams.max_train_sentences is not None:
             train = train.select(range(min(self.hparams.max_train_sentences, len(train))))
-        train, heldout = self._tokenize(train), self._tokenize(heldout)
-        val = heldout.select(range(min(self.hparams.val_sentences or len(heldout), len(heldout))))
-        splits = DatasetDict(train=self._rows(train), validation=self._rows(val), test=self._rows(heldout), heldout_sentences=heldout)
-        splits.save_to_disk(str(path))
+        train, val = self._hold_out(train)
+        train, val, heldout = self._tokenize(train), self._tokenize(val), self._tokenize(heldout)
+        splits = DatasetDict(train=self._rows(train), validation=self._rows(val, every_token=True),
+                             test=self._rows(heldout, every_token=True), validation_sentences=val, heldout_sentences=heldout)
+        try:
+            with atomic_path(path) as tmp:  # a half-written cache never looks finished
+                splits.save_to_disk(str(tmp))
+                written = load_from_disk(str(tmp))
+                if {k: len(v) for k, v in written.items()} != {k: len(v) for k, v in splits.items()}:
+                    raise OSError(f"the tokenised cache in {tmp} read back with different sizes")
+        except OSError:
+            if not (path / "dataset_dict.json").exists():  # not a concurrent run that finished first
+                raise
         return load_from_disk(str(path))
+
+    def _hold_out(self, train):
+        """(training, validation) sentences: ``val_sentences`` of the training sentences, chosen at
+        random with ``seed`` and kept in file order, held out from training."""
+        import numpy as np
+
+        n, k = len(train), self.hparams.val_sentences
+        if k >= n:
+            raise UsageError(f"val_sentences {k} leaves none of the {n} training sentences for training; lower it")
+        held = np.zeros(n, dtype=bool)
+        held[np.random.default_rng(self.hparams.seed).choice(n, size=k, replace=False)] = True
+        return train.select(np.flatnonzero(~held)), train.select(np.flatnonzero(held))
 
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
@@ -277,17 +381,22 @@ class LM1BDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     # -- prompts for generation ------------------------------------------------------------
-    def generation_examples(self, num_prompts: int, prompt_length: int, continuation_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def generation_examples(self, num_prompts: int, prompt_length: int, continuation_length: int,
+                            split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts [P, prompt_length] and the human continuations [P, continuation_length] that follow them.
 
-        Taken in order from the tokenised held-out sentences: each example starts at the start of a
-        sentence and runs on across sentence ends (as packed training rows do); the next example
-        starts at the next sentence. Deterministic, so every model is scored on the same prompts.
+        Taken in order from the tokenised sentences of ``split``: ``test`` the held-out sentences,
+        ``validation`` the training sentences held out for validation. Each example starts at the
+        start of a sentence and runs on across sentence ends (as packed training rows do); the next
+        example starts at the next sentence. Deterministic, so every model is scored on the same prompts.
         """
+        if split not in ("validation", "test"):
+            raise UsageError(f"generation prompts come from 'validation' or 'test', not {split!r}")
         self.setup("test")
         need = prompt_length + continuation_length
         examples, current = [], []
-        for ids in self.splits["heldout_sentences"]["input_ids"]:
+        source = "heldout_sentences" if split == "test" else "validation_sentences"
+        for ids in self.splits[source]["input_ids"]:
             current += ids
             if len(current) >= need:
                 examples.append(current[:need])
@@ -295,7 +404,8 @@ class LM1BDataModule(L.LightningDataModule):
                 if len(examples) == num_prompts:
                     break
         if len(examples) < num_prompts:
-            raise UsageError(f"the held-out split gives only {len(examples)} examples of {need} tokens; lower num_prompts or the lengths")
+            raise UsageError(f"the {split} sentences give only {len(examples)} examples of {need} tokens; "
+                             f"lower num_prompts or the lengths")
         rows = torch.tensor(examples)
         return rows[:, :prompt_length], rows[:, prompt_length:]
 
