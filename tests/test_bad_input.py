@@ -221,7 +221,6 @@ class Case:
     subcommand: str = "fit"
     prepared: bool = True  # LM1B, Fashion-MNIST: unpacked (tokenised) before the run; False: the run meets the archive first
     during_run: bool = False  # found only when the loader reaches the item: logs may exist, no checkpoint may
-    stray: bool = False  # known to leave a partly unpacked cache folder behind (the cache work, issue 11 item 6)
 
 
 M = "--model.init_args."
@@ -283,11 +282,9 @@ CASES = [
     Case("lm1b_random_bytes_tar", "lm1b", named="{tmp}/lm1b/" + LM1B_TOP + ".tar.gz",
          corrupt=lambda t: garble(t / "lm1b" / f"{LM1B_TOP}.tar.gz"), prepared=False),
     Case("fashion_mnist_truncated_gz", "fashion_mnist", named="train-images-idx3-ubyte.gz",
-         corrupt=lambda t: truncate(t / "fm" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte.gz"), prepared=False,
-         stray=True),
+         corrupt=lambda t: truncate(t / "fm" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte.gz"), prepared=False),
     Case("fashion_mnist_not_gzip", "fashion_mnist", named="t10k-labels-idx1-ubyte.gz",
-         corrupt=lambda t: garble(t / "fm" / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"), prepared=False,
-         stray=True),
+         corrupt=lambda t: garble(t / "fm" / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"), prepared=False),
     Case("cifar_corrupt_pickle", "cifar10", named="data_batch_3",
          corrupt=lambda t: garble(t / "cifar" / "cifar-10-batches-py" / "data_batch_3")),
     Case("cifar_truncated_pickle", "cifar10", named="test_batch",
@@ -363,11 +360,7 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip() and not line.startswith("Seed set")]
 
 
-STRAY = pytest.mark.xfail(reason="a damaged .gz leaves the partly unpacked cache folder behind: issue 11 item 6 "
-                           "(atomic caches), not yet done", strict=False)
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=STRAY) if c.stray else c for c in CASES], ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_one_line(case, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["dbl"])

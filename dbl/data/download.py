@@ -25,6 +25,7 @@ def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
     result belong inside the block: a check that fails leaves nothing behind.
     """
     path = Path(path)
+    made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]  # deepest first
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent))
     tmp.rmdir()  # only the unique name is wanted; the caller writes a file or a folder there
@@ -36,6 +37,11 @@ def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        for folder in made:  # and the folders made for it, if nothing else arrived in them
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
 
 
