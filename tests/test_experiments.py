@@ -51,5 +51,16 @@ def test_every_run_checkpoints_on_ctrl_c_and_periodically():
         assert "OnExceptionCheckpoint" in callbacks, path.name
         assert "dbl.callbacks.OnExceptionCheckpoint" in path.read_text(), path.name  # nothing saved before training
         assert callbacks.get("ModelCheckpoint", {}).get("save_last"), path.name
+        assert "dbl.callbacks.ModelCheckpoint" in path.read_text(), path.name  # also saves the final step
         dirpaths.setdefault(callbacks["OnExceptionCheckpoint"]["dirpath"], []).append(path.stem)
     assert all(len(stems) == 1 for stems in dirpaths.values()), dirpaths
+
+
+def test_every_run_logs_into_a_folder_of_its_own():
+    """`--ckpt_path last` and the automatic resume look in the logger's folder: two YAMLs sharing one
+    would resume each other's checkpoints."""
+    folders: dict[tuple, list[str]] = {}
+    for path in EXPERIMENTS:
+        logger = yaml.safe_load(path.read_text())["trainer"]["logger"]["init_args"]
+        folders.setdefault((logger.get("save_dir"), logger["name"]), []).append(path.stem)
+    assert all(len(stems) == 1 for stems in folders.values()), folders

@@ -62,3 +62,15 @@ def test_validation_logs_every_block_also_end_to_end(task, num_blocks, tiny_modu
                         enable_model_summary=False, default_root_dir=tmp_path)
     metrics = trainer.validate(module, DataLoader(data, batch_size=32), verbose=False)[0]
     assert {k for k in metrics if k.startswith(name + "/")} == {f"{name}/block{b}" for b in range(num_blocks)}
+
+
+def test_log_per_block_shows_a_diverged_block_and_skips_an_unreached_one(tiny_module):
+    """NaN from divergence must reach the logs; NaN because no sample reached a block must not."""
+    module = tiny_module()
+    logged = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, value)
+    metric = PerBlockMean(3)
+    metric.update(torch.tensor([float("nan"), 2.0, 4.0]), torch.tensor([0, 1, 1]))
+    module.log_per_block("val_loss", metric)
+    assert set(logged) == {"val_loss/block0", "val_loss/block1"}
+    assert math.isnan(logged["val_loss/block0"]) and logged["val_loss/block1"] == 3.0
