@@ -236,3 +236,27 @@ def test_skip_nonfinite_steps_skips_up_to_n_then_stops(tiny_module, image_batch,
     module.block_loss = _PoisonedAt(module, 2, times=2)  # step 2 is retried with the next batch: NaN again
     with pytest.raises(DivergenceError, match=r"^training diverged at step 2, block \d: .* after skipping 1;"):
         fit(module, image_batch, 5, tmp_path)
+
+
+def test_a_checkpoint_of_non_finite_weights_is_never_written(tiny_module, image_batch, tmp_path):
+    """A huge but finite update can leave inf weights before any loss is NaN; a periodic checkpoint
+    at that step must not become the `last` that a rerun resumes."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from dbl.errors import DivergenceError
+
+    module = tiny_module()
+
+    class Blowup(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 2:
+                with torch.no_grad():
+                    pl_module.network.net.layers[2].attn.qkv.weight.fill_(float("inf"))
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
+    with pytest.raises(DivergenceError, match=r"^training diverged by step 2: network\.net\.layers\.2\.attn\.qkv\.weight "
+                                              r"\(and 0 more weights\) not finite; no checkpoint written"):
+        L.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  limit_val_batches=0, default_root_dir=tmp_path, callbacks=[Blowup(), saver]).fit(module, loader(image_batch))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0-step=1.ckpt", "last.ckpt"]
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 1

@@ -195,6 +195,15 @@ class BlockwiseLightningModule(L.LightningModule):
             self._rng_outside_evaluation = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A step can leave weights non-finite while its loss and gradients were finite (a huge update);
+        # the next step's loss then stops the run. Never let such weights become the `last` to resume.
+        broken = [name for name, value in checkpoint["state_dict"].items()
+                  if value.is_floating_point() and not torch.isfinite(value).all()]
+        if broken:
+            raise DivergenceError(
+                f"training diverged by step {self.global_step}: {broken[0]} (and {len(broken) - 1} more weights) not "
+                "finite; no checkpoint written; lower the learning rate and resume from the last checkpoint"
+            )
         checkpoint["dbl_rng"] = rng.collect_all_ranks(self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
