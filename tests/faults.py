@@ -46,3 +46,11 @@ class DrawInValidation(Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         torch.rand(3)
+
+
+class BrokenNetwork(torch.nn.Module):
+    """A network whose constructor has a bug (a TypeError of its own, not a bad setting)."""
+
+    def __init__(self, depth: int = 2):
+        super().__init__()
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")

@@ -192,3 +192,14 @@ def test_ckpt_path_last_resumes_the_previous_run(tmp_path, capsys, monkeypatch):
         "epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"]
     # the second run continued at step 4: its only periodic checkpoint is step 6
     assert [p.name for p in (runs / "version_1" / "checkpoints").glob("epoch*")] == ["epoch=0-step=6.ckpt"]
+
+
+def test_a_defect_while_building_keeps_its_traceback(capsys, monkeypatch):
+    """Only a UsageError is reported as a configuration error; a TypeError from a constructor is a bug
+    and must not pass for one."""
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    with pytest.raises(Exception) as raised:
+        main(["fit", "--config", QUICKSTART, "--model.init_args.network", '{"class_path": "faults.BrokenNetwork"}'])
+    assert not isinstance(raised.value, SystemExit)
+    assert "unsupported operand type(s) for +: 'int' and 'str'" in str(raised.value.__cause__ or raised.value)
+    assert "configuration error" not in capsys.readouterr().err
