@@ -103,7 +103,8 @@ class DBLCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # LightningCLI replaces the model's configuration with the hyperparameters stored in
         # --ckpt_path, silently dropping any model option given in the YAML or on the command
-        # line. Say which ones, so nobody evaluates with settings they did not get.
+        # line. For evaluation, say which ones, so nobody evaluates with settings they did not get;
+        # for fit, refuse: the run would train with settings other than those the user asked for.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         resolved_by_lightning = str(ckpt_path).split(":")[0] in _CKPT_KEYWORDS or "://" in str(ckpt_path)
@@ -112,20 +113,18 @@ class DBLCLI(LightningCLI):
                               "(e.g. <run>/version_<n>/checkpoints/last.ckpt) or 'last' to resume the latest")
         if ckpt_path and not resolved_by_lightning:
             read_checkpoint(Path(ckpt_path), "give a checkpoint written by `dbl fit`")
-        before = _flat(self.config[subcommand].get("model")) if subcommand else {}
+        yours = _flat(self.config[subcommand].get("model")) if subcommand else {}
         super()._parse_ckpt_path()
-        after = _flat(self.config[subcommand].get("model")) if subcommand else {}
-        replaced = [f"{k}: {before[k]!r} -> {after[k]!r}" for k in sorted(before) if k in after and before[k] != after[k]]
+        saved = _flat(self.config[subcommand].get("model")) if subcommand else {}
+        replaced = [k for k in sorted(yours) if k in saved and yours[k] != saved[k]]
         if replaced and subcommand == "fit":
-            # resuming would silently train with the checkpoint's settings while the user asked for others
-            changed = [f"model.{k}: {after[k]!r} -> {before[k]!r}" for k in sorted(before) if k in after and before[k] != after[k]]
+            changed = "; ".join(f"model.{k}: {saved[k]!r} -> {yours[k]!r}" for k in replaced)
             raise ConfigError(f"ckpt_path {ckpt_path} was trained with other model options (checkpoint's -> yours): "
-                              f"{'; '.join(changed)}; to resume, undo the change; to start over, drop --ckpt_path "
-                              "and add --fresh")
+                              f"{changed}; to resume, undo the change; to start over, drop --ckpt_path and add --fresh")
         if replaced:
             warnings.warn(
                 "the checkpoint's hyperparameters replace these model options (for evaluation settings use the "
-                "evaluation callbacks' own options): " + "; ".join(replaced),
+                "evaluation callbacks' own options): " + "; ".join(f"{k}: {yours[k]!r} -> {saved[k]!r}" for k in replaced),
                 stacklevel=1,
             )
 
@@ -202,7 +201,8 @@ def read_checkpoint(path: Path, fix: str) -> dict:
 
 
 def _changed_options(saved: dict, current: dict) -> list[str]:
-    """``["optimizer.init_args.lr: 0.001 -> 0.002", ...]`` for options whose value differs."""
+    """``["model.init_args.optimizer.init_args.lr: 0.001 -> 0.002", ...]``: the model options whose value
+    differs between a checkpoint's hyperparameters and the configuration (Lightning's ``_``-keys aside)."""
     saved, current = _flat(saved), _flat(current)
     keys = sorted(k for k in saved.keys() | current.keys() if not k.split(".")[-1].startswith("_"))
     return [f"model.init_args.{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]

@@ -20,7 +20,7 @@ model:
     sample_steps: 2
 data:
   class_path: dbl.data.FashionMNISTDataModule
-  init_args: {{root: {root}, cache_dir: {cache}, batch_size: 4, eval_batch_size: 4}}
+  init_args: {{root: {root}, cache_dir: {cache}, batch_size: 4, eval_batch_size: 4, val_fraction: 0.25}}
 trainer:
   accelerator: cpu
   max_steps: 3
