@@ -15,17 +15,36 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "experiments" / "quickstart.yaml")
 MAX_STEPS = 33  # not a multiple of the checkpoint interval: the final step must be saved too
 
+# Each task, tiny: its experiment YAML, overrides, and the logger folder its checkpoints land in.
+TASKS = {
+    "image": ([QUICKSTART, "--model.init_args.network.init_args.hidden_size", "32",
+               "--model.init_args.network.init_args.num_heads", "2"], "lightning_logs/quickstart"),
+    # random crops, made in a loader worker (whose random streams are not checkpointed); masks and
+    # times from the main process's streams
+    "text8": ([str(ROOT / "experiments" / "text8_standin_b3.yaml"), "--data.init_args.root", "text8",
+               "--data.init_args.num_workers", "1",
+               "--data.init_args.train_chars", "18000", "--data.init_args.val_chars", "1000",
+               "--data.init_args.test_chars", "1000", "--data.init_args.batch_size", "8",
+               "--data.init_args.eval_batch_size", "8", "--model.init_args.network.init_args.hidden_size", "32",
+               "--model.init_args.network.init_args.num_heads", "2", "--model.init_args.eval_times", "2"],
+              "lightning_logs/text8_standin_b3"),
+}
 
-def _config(tmp_path: Path, fault: str = "") -> list[str]:
+
+def _config(tmp_path: Path, fault: str = "", task: str = "image") -> list[str]:
+    base, _ = TASKS[task]
+    if task == "text8" and not (tmp_path / "text8").exists():
+        from test_text8 import write_text8_zip
+
+        write_text8_zip(tmp_path / "text8", 20_000)
     (tmp_path / "run.yaml").write_text(
         "trainer:\n  callbacks:\n"
         "    - {class_path: dbl.callbacks.ModelCheckpoint, init_args: {save_last: true, every_n_train_steps: 10}}\n"
-        "    - {class_path: dbl.callbacks.OnExceptionCheckpoint, init_args: {dirpath: checkpoints/quickstart}}\n"
+        "    - {class_path: dbl.callbacks.OnExceptionCheckpoint, init_args: {dirpath: checkpoints/run}}\n"
         "    - {class_path: faults.RecordSteps, init_args: {path: steps.jsonl}}\n"
         "    - faults.DrawInValidation\n" + fault
     )
-    return ["fit", "--config", QUICKSTART, "--config", "run.yaml", "--trainer.max_steps", str(MAX_STEPS),
-            "--model.init_args.network.init_args.hidden_size", "32", "--model.init_args.network.init_args.num_heads", "2",
+    return ["fit", "--config", base[0], "--config", "run.yaml", *base[1:], "--trainer.max_steps", str(MAX_STEPS),
             "--trainer.val_check_interval", "10", "--trainer.limit_val_batches", "2",
             "--trainer.enable_progress_bar", "false"]
 
@@ -50,8 +69,8 @@ def _steps(path: Path) -> dict[int, list[tuple]]:
     return seen
 
 
-def _final(run: Path) -> dict:
-    last = sorted((run / "lightning_logs" / "quickstart").glob("version_*/checkpoints/last.ckpt"))[-1]
+def _final(run: Path, task: str) -> dict:
+    last = sorted((run / TASKS[task][1]).glob("version_*/checkpoints/last.ckpt"))[-1]
     return torch.load(last, map_location="cpu", weights_only=True)
 
 
@@ -72,21 +91,28 @@ def _assert_identical(a, b, where=""):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    run = tmp_path_factory.mktemp("uninterrupted")
-    result = _dbl(_config(run), run)
-    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {}
+
+    def run(task: str) -> Path:
+        if task not in runs:
+            runs[task] = tmp_path_factory.mktemp(f"uninterrupted_{task}")
+            result = _dbl(_config(runs[task], task=task), runs[task])
+            assert result.returncode == 0, result.stderr[-3000:]
+        return runs[task]
+
     return run
 
 
-@pytest.mark.parametrize("signal_name, stop_at, resumed_from", [("SIGTERM", 15, 15), ("SIGKILL", 25, 20)])
-def test_stopped_and_rerun_is_bit_identical(uninterrupted, tmp_path, signal_name, stop_at, resumed_from):
+@pytest.mark.parametrize("task, signal_name, stop_at, resumed_from", [
+    ("image", "SIGTERM", 15, 15), ("image", "SIGKILL", 25, 20), ("text8", "SIGKILL", 25, 20)])
+def test_stopped_and_rerun_is_bit_identical(uninterrupted, tmp_path, task, signal_name, stop_at, resumed_from):
     args = _config(tmp_path, f"    - {{class_path: faults.SignalAt, init_args: {{step: {stop_at}, "
-                             f"signal_name: {signal_name}, once_file: signalled}}}}\n")
+                             f"signal_name: {signal_name}, once_file: signalled}}}}\n", task)
     stopped = _dbl(args, tmp_path)
     if signal_name == "SIGTERM":
         # a scheduler must see a failure, and the user where the work went
         assert stopped.returncode == 143, stopped.stderr[-3000:]
-        assert f"dbl: saved checkpoints/quickstart/on_exception.ckpt at step {stop_at}" in stopped.stderr
+        assert f"dbl: saved checkpoints/run/on_exception.ckpt at step {stop_at}" in stopped.stderr
     else:
         assert stopped.returncode == -signal.SIGKILL
     assert max(_steps(tmp_path / "steps.jsonl")) == stop_at
@@ -94,16 +120,17 @@ def test_stopped_and_rerun_is_bit_identical(uninterrupted, tmp_path, signal_name
     resumed = _dbl(args, tmp_path)  # the same command again
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"(step {resumed_from}); to start over, add --fresh" in resumed.stderr
-    assert not (tmp_path / "checkpoints" / "quickstart" / "on_exception.ckpt").exists()  # used up
+    assert not (tmp_path / "checkpoints" / "run" / "on_exception.ckpt").exists()  # used up
 
     # every step's block and loss, bit for bit (steps run twice after a hard kill agree both times)
-    reference = _steps(uninterrupted / "steps.jsonl")
+    whole = uninterrupted(task)
+    reference = _steps(whole / "steps.jsonl")
     assert sorted(reference) == list(range(1, MAX_STEPS + 1))
     for step, rows in _steps(tmp_path / "steps.jsonl").items():
         assert all(row == reference[step][0] for row in rows), step
     assert sorted(_steps(tmp_path / "steps.jsonl")) == sorted(reference)
     # and the final weights, optimizer and scheduler states, update counts and random states
-    ours, theirs = _final(tmp_path), _final(uninterrupted)
+    ours, theirs = _final(tmp_path, task), _final(whole, task)
     assert ours["global_step"] == theirs["global_step"] == MAX_STEPS
     for key in ("state_dict", "optimizer_states", "lr_schedulers", "dbl_rng"):
         _assert_identical(ours[key], theirs[key], key)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import RandomSampler
 
 from dbl.data.checks import check_loader_options
 from dbl.data.download import download
@@ -102,17 +103,19 @@ def load_text8(root: str | Path) -> np.ndarray:
         return encode(zf.read(_text8_member(zf, text8_path(root))))
 
 
-class RandomCrops(Dataset):
-    """``num_items`` windows of ``seq_len`` ids at uniformly random offsets (fresh every access)."""
+class Windows(Dataset):
+    """Every window of ``seq_len`` ids, indexed by its start offset. Random crops are these windows
+    drawn by a random sampler: the offsets then come from the sampler's generator, whose state the
+    ``StatefulDataLoader`` checkpoints, so a resumed run crops exactly where the whole run would
+    have (with loader workers too, whose own random streams are not checkpointed)."""
 
-    def __init__(self, ids: torch.Tensor, seq_len: int, num_items: int):
-        self.ids, self.seq_len, self.num_items = ids, seq_len, num_items
+    def __init__(self, ids: torch.Tensor, seq_len: int):
+        self.ids, self.seq_len = ids, seq_len
 
     def __len__(self) -> int:
-        return self.num_items
+        return len(self.ids) - self.seq_len + 1
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor]:
-        start = int(torch.randint(len(self.ids) - self.seq_len + 1, ()))
+    def __getitem__(self, start: int) -> tuple[torch.Tensor]:
         return (self.ids[start : start + self.seq_len].long(),)
 
 
@@ -216,12 +219,14 @@ class Text8DataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp, ids = self.hparams, self.splits["train"]
-        if hp.random_crops:
-            data = RandomCrops(ids, hp.seq_len, hp.train_items or len(ids) // hp.seq_len)
+        if hp.random_crops:  # uniformly random offsets, train_items per epoch
+            data = Windows(ids, hp.seq_len)
+            sampler = RandomSampler(data, replacement=True, num_samples=hp.train_items or len(ids) // hp.seq_len)
         else:
             data = Chunks(ids[: len(ids) // hp.seq_len * hp.seq_len], hp.seq_len)
-        return StatefulDataLoader(data, batch_size=hp.batch_size, shuffle=not hp.random_crops, drop_last=True,
-                          num_workers=hp.num_workers)
+            sampler = RandomSampler(data)
+        return StatefulDataLoader(data, batch_size=hp.batch_size, sampler=sampler, drop_last=True,
+                                  num_workers=hp.num_workers)
 
     def _eval_loader(self, split: str) -> DataLoader:
         hp, ids = self.hparams, self.splits[split]
