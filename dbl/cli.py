@@ -111,20 +111,21 @@ class DBLCLI(LightningCLI):
         if ckpt_path and not resolved_by_lightning and not Path(ckpt_path).is_file():
             raise ConfigError(f"ckpt_path {ckpt_path}: no such file; give a checkpoint written by `dbl fit` "
                               "(e.g. <run>/version_<n>/checkpoints/last.ckpt) or 'last' to resume the latest")
+        step = None
         if ckpt_path and not resolved_by_lightning:
-            read_checkpoint(Path(ckpt_path), "give a checkpoint written by `dbl fit`")
-        yours = _flat(self.config[subcommand].get("model")) if subcommand else {}
+            step = read_checkpoint(Path(ckpt_path), "give a checkpoint written by `dbl fit`").get("global_step")
+        yours = self.config[subcommand].get("model") if subcommand else None
         super()._parse_ckpt_path()
-        saved = _flat(self.config[subcommand].get("model")) if subcommand else {}
-        replaced = [k for k in sorted(yours) if k in saved and yours[k] != saved[k]]
-        if replaced and subcommand == "fit":
-            changed = "; ".join(f"model.{k}: {saved[k]!r} -> {yours[k]!r}" for k in replaced)
-            raise ConfigError(f"ckpt_path {ckpt_path} was trained with other model options (checkpoint's -> yours): "
-                              f"{changed}; to resume, undo the change; to start over, drop --ckpt_path and add --fresh")
-        if replaced:
+        saved = self.config[subcommand].get("model") if subcommand else None
+        changed = _changed_options(saved, yours, "model.") if yours is not None and saved is not None else []
+        if changed and subcommand == "fit":
+            raise ConfigError(f"ckpt_path {ckpt_path} (step {step}) was written with other model options (checkpoint's "
+                              f"-> yours): {'; '.join(changed)}; to resume, undo the change; to start over, drop "
+                              "--ckpt_path and add --fresh")
+        if changed:
             warnings.warn(
-                "the checkpoint's hyperparameters replace these model options (for evaluation settings use the "
-                "evaluation callbacks' own options): " + "; ".join(f"{k}: {yours[k]!r} -> {saved[k]!r}" for k in replaced),
+                "the checkpoint's hyperparameters replace these model options (checkpoint's -> yours; for evaluation "
+                "settings use the evaluation callbacks' own options): " + "; ".join(changed),
                 stacklevel=1,
             )
 
@@ -168,7 +169,7 @@ class DBLCLI(LightningCLI):
             return
         discard = f"to start over, add --fresh (or delete {found})"
         checkpoint = read_checkpoint(found, discard)
-        changed = _changed_options(checkpoint.get("hyper_parameters") or {}, dict(self.model.hparams))
+        changed = _changed_options(checkpoint.get("hyper_parameters") or {}, dict(self.model.hparams), "model.init_args.")
         if changed:
             raise ConfigError(f"{found} (step {checkpoint.get('global_step')}) was written with other model options "
                               f"(checkpoint's -> yours): {'; '.join(changed)}; to resume, undo the change; {discard}")
@@ -200,12 +201,20 @@ def read_checkpoint(path: Path, fix: str) -> dict:
     return checkpoint
 
 
-def _changed_options(saved: dict, current: dict) -> list[str]:
-    """``["model.init_args.optimizer.init_args.lr: 0.001 -> 0.002", ...]``: the model options whose value
-    differs between a checkpoint's hyperparameters and the configuration (Lightning's ``_``-keys aside)."""
-    saved, current = _flat(saved), _flat(current)
-    keys = sorted(k for k in saved.keys() | current.keys() if not k.split(".")[-1].startswith("_"))
-    return [f"model.init_args.{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+def _changed_options(saved, yours, prefix: str) -> list[str]:
+    """``["<prefix>optimizer.init_args.lr: 0.001 -> 0.002", ...]``: the model options whose values differ
+    between a checkpoint (``saved``) and the configuration (``yours``), as dicts or jsonargparse
+    Namespaces. Options one side does not have at all (added to dbl after the checkpoint was
+    written) and Lightning's ``_``-keys are left out."""
+
+    def option(key: str) -> str:  # "init_args.optimizer.init_args.lr" -> "optimizer"
+        parts = key.split(".")
+        return parts[1] if parts[0] == "init_args" and len(parts) > 1 else parts[0]
+
+    saved, yours = _flat(saved), _flat(yours)
+    both = {option(k) for k in saved} & {option(k) for k in yours}
+    keys = sorted(k for k in saved.keys() | yours.keys() if option(k) in both and not k.split(".")[-1].startswith("_"))
+    return [f"{prefix}{k}: {saved.get(k)!r} -> {yours.get(k)!r}" for k in keys if saved.get(k) != yours.get(k)]
 
 
 def latest_checkpoint(trainer: L.Trainer) -> Path | None:

@@ -115,7 +115,7 @@ def test_quickstart_ctrl_c_checkpoints_and_rerun_resumes(tmp_path):
     assert module.num_blocks == 3
     assert module.sample(labels=torch.arange(2), num_steps=3).shape == (2, 1, 8, 8)
     # evaluating a checkpoint: a model option that the checkpoint overrides is reported, not dropped silently
-    with pytest.warns(UserWarning, match=r"init_args.sample_steps: 7 -> 32"):
+    with pytest.warns(UserWarning, match=r"model.init_args.sample_steps: 32 -> 7"):
         main(["validate", "--config", QUICKSTART, "--ckpt_path", str(last), "--model.init_args.sample_steps", "7",
               "--trainer.limit_val_batches", "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
               "--trainer.default_root_dir", str(tmp_path)])

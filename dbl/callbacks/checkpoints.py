@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
-from dbl.errors import DivergenceError
+from dbl.errors import DivergenceError, UsageError
 
 
 class ModelCheckpoint(LightningModelCheckpoint):
@@ -45,7 +45,7 @@ class OnExceptionCheckpoint(Callback):
 
     def __init__(self, dirpath: str | Path, filename: str = "on_exception") -> None:
         if not filename:
-            raise ValueError("filename must not be empty")
+            raise UsageError("OnExceptionCheckpoint filename must not be empty")
         self.dirpath = Path(dirpath)
         self.filename = filename
         self._step_at_start: int | None = None

@@ -43,6 +43,8 @@ class MaskedTextSamples(L.Callback):
     def __init__(self, every_n_steps: int = 1000, num_samples: int = 4, length: int | None = None,
                  num_steps: int | None = None, seed: int = 0, save_txt: bool = True):
         self.every_n_steps, self.num_samples, self.length = every_n_steps, num_samples, length
+        if num_steps is not None and num_steps < 1:
+            raise UsageError(f"MaskedTextSamples num_steps must be >= 1 (or null: the module's), got {num_steps}")
         self.num_steps, self.seed, self.save_txt = num_steps, seed, save_txt
         self._last_step = -1
 

@@ -15,6 +15,7 @@ from torchvision.utils import make_grid, save_image
 from dbl.callbacks.paths import run_dir
 from dbl.data.images import to_uint8
 from dbl.diffusion.samplers import check_solver
+from dbl.errors import UsageError
 
 
 class SampleGrid(L.Callback):
@@ -50,6 +51,8 @@ class SampleGrid(L.Callback):
         self.every_n_steps, self.num_classes, self.per_class, self.seed = every_n_steps, num_classes, per_class, seed
         if solver is not None:
             check_solver(solver)
+        if num_steps is not None and num_steps < 1:
+            raise UsageError(f"SampleGrid num_steps must be >= 1 (or null: the module's), got {num_steps}")
         self.sampler = dict(num_steps=num_steps, solver=solver, cfg_scale=cfg_scale)
         self.save_png = save_png
         self._last_step = -1

@@ -23,7 +23,6 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torchmetrics import Metric
 
@@ -197,7 +196,10 @@ class BlockwiseLightningModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A step can leave weights non-finite while its loss and gradients were finite (a huge update);
         # the next step's loss then stops the run. Never let such weights become the `last` to resume.
-        broken = [name for name, value in checkpoint["state_dict"].items()
+        # with EMA the average is the `state_dict` and the raw weights, which training resumes from, are
+        # `current_model_state` (dbl.callbacks.EMA, whose hook runs before this one)
+        weights = {**checkpoint.get("current_model_state", {}), **checkpoint["state_dict"]}
+        broken = [name for name, value in weights.items()
                   if value.is_floating_point() and not torch.isfinite(value).all()]
         if broken:
             raise DivergenceError(
@@ -207,17 +209,13 @@ class BlockwiseLightningModule(L.LightningModule):
         checkpoint["dbl_rng"] = rng.collect_all_ranks(self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # checkpoints written before these buffers existed still load
+        for buffer in ("skipped_steps",):
+            checkpoint["state_dict"].setdefault(buffer, torch.zeros((), dtype=torch.long))
         states = checkpoint.get("dbl_rng")
         if states is not None:
             rank = self.global_rank if self._trainer is not None else 0
             self._restored_rng = states[rank] if rank < len(states) else None
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # Lightning notes SIGTERM and, on one process, stops only at the end of the epoch (hours on
-        # ImageNet, past any grace period): stop after this step, which the on-exception checkpoint
-        # then saves. The CLI turns this into exit status 143.
-        if self.trainer.received_sigterm:
-            raise SIGTERMException(143)
 
     def on_test_start(self) -> None:
         self.all_blocks_on_device()
@@ -263,10 +261,13 @@ class BlockwiseLightningModule(L.LightningModule):
         Every process computes (and so syncs) it. A block that no sample reached (its ``count`` is
         0) is not logged; a block that was reached and gives NaN or inf is, so divergence shows.
         """
+        counts = None
+        if hasattr(metric, "count"):
+            with metric.sync_context():  # every process's samples: all ranks then log the same blocks
+                counts = metric.count.flatten().clone()
         # flatten: torchmetrics returns a one-block (end-to-end) vector as a 0-dim tensor
         values = metric.compute().flatten().tolist()
-        counts = getattr(metric, "count", None)
-        reached = [True] * len(values) if counts is None else (counts.flatten() > 0).tolist()
+        reached = [True] * len(values) if counts is None else (counts > 0).tolist()
         for block, value in enumerate(values):
             if reached[block] and not (counts is None and math.isnan(value)):
                 # already synced by compute(); sync_dist only tells Lightning so
@@ -338,7 +339,10 @@ class BlockwiseLightningModule(L.LightningModule):
         self.manual_backward(out.loss)
         params = [p for g in (self.network.block_parameters(block), self.network.shared_parameters()) for p in g]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.gradient_clip_val or float("inf"))
-        if not (torch.isfinite(out.loss) and torch.isfinite(grad_norm)):
+        finite = bool(torch.isfinite(out.loss) & torch.isfinite(grad_norm))
+        # every rank decides the same (one rank's NaN stops or skips the step everywhere), or the
+        # replicas would drift apart or wait on each other
+        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
             return self._nonfinite_step(block, out, grad_norm, optimizers)
         optimizers[0].step()
         for opt in optimizers[1:]:
