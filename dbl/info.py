@@ -22,7 +22,7 @@ def _table(rows: list[list[str]]) -> str:
 
 def _first_batch(datamodule: L.LightningDataModule):
     datamodule.setup("fit")
-    return next(iter(datamodule.train_dataloader()))
+    return datamodule.on_after_batch_transfer(next(iter(datamodule.train_dataloader())), 0)
 
 
 def describe(module, datamodule: L.LightningDataModule | None) -> str:

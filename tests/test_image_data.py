@@ -13,6 +13,7 @@ from dbl.data import CIFAR10DataModule, FashionMNISTDataModule, ImageNetDataModu
 from dbl.data.cifar10 import _CIFAR10
 from dbl.data.fashion_mnist import RAW_FILES
 from dbl.data.imagenet import CenterCroppedImageFolder, center_crop_arr
+from dbl.data.images import pick_view_at_random
 from dbl.data.latents import encode_split
 from dbl.errors import UsageError
 
@@ -73,17 +74,28 @@ def test_cifar10_reads_python_batches(tmp_path):
         CIFAR10DataModule(root=str(tmp_path), download=False, batch_size=4, num_workers=0).setup("fit")
 
 
-def test_random_flip_mirrors_training_images_only(tmp_path):
+def test_random_flip_mirrors_training_batches_only_in_the_training_process(tmp_path):
+    """Flips are drawn once per step from the training process's random stream, after the batch
+    reached the device (so that a resumed run draws the same ones); the loaders never flip nor draw."""
+    from types import SimpleNamespace
+
     write_cifar10(tmp_path)
     dm = CIFAR10DataModule(root=str(tmp_path), download=False, verify_checksums=False, batch_size=4, num_workers=0,
                            val_fraction=0.2)
     dm.setup("fit")
-    torch.manual_seed(0)
-    train, test = dm.train_dataloader().dataset, dm.test_dataloader().dataset
-    plain = dm._images["train"][0].float() / 127.5 - 1
-    seen = {bool(torch.equal(train[0][0], plain.flip(-1))) for _ in range(20)}
-    assert seen == {True, False}
-    assert all(torch.equal(test[0][0], dm._images["test"][0].float() / 127.5 - 1) for _ in range(5))
+    train = dm.train_dataloader().dataset
+    plain = dm._images["train"][dm.split_indices()[0]][:6].float() / 127.5 - 1
+    state = torch.get_rng_state()
+    assert all(torch.equal(train[i][0], plain[i]) for i in range(6)) and torch.equal(torch.get_rng_state(), state)
+
+    labels = torch.arange(6)
+    dm.trainer = SimpleNamespace(training=True)
+    torch.manual_seed(0)  # torch.rand(6) < 0.5 under seed 0: [True, False, True, True, True, False]
+    flipped, same_labels = dm.on_after_batch_transfer((plain, labels), 0)
+    expected = torch.stack([plain[0].flip(-1), plain[1], plain[2].flip(-1), plain[3].flip(-1), plain[4].flip(-1), plain[5]])
+    assert torch.equal(flipped, expected) and torch.equal(same_labels, labels)
+    dm.trainer = SimpleNamespace(training=False)  # validation, test, predict: never flipped
+    assert dm.on_after_batch_transfer((plain, labels), 0)[0] is plain
 
 
 def test_cifar10_missing_offline_is_one_line_error(tmp_path, monkeypatch):
@@ -277,17 +289,20 @@ def test_latent_shards_round_trip(tmp_path, monkeypatch):
     pixels = images[2][0][None].float() / 127.5 - 1
     expected = FakeVAE().encode(pixels).latent_dist.sample()[0] * 0.5
     assert label == 0 and torch.allclose(z, expected, atol=1e-3)
-    mirrored = LatentShardDataset(tmp_path / "lat" / "train", random_view=True)
-    torch.manual_seed(0)
+    both = LatentShardDataset(tmp_path / "lat" / "train", all_views=True)[2][0]
     expected_flip = FakeVAE().encode(pixels.flip(-1)).latent_dist.sample()[0] * 0.5
-    views = [mirrored[2][0] for _ in range(20)]
-    assert any(torch.allclose(v, expected_flip, atol=1e-3) for v in views) and any(torch.allclose(v, z) for v in views)
+    assert both.shape == (2, 4, 2, 2)
+    assert torch.allclose(both[0], z) and torch.allclose(both[1], expected_flip, atol=1e-3)
+    torch.manual_seed(0)  # torch.randint(2, (3,)) under seed 0: [0, 1, 1]
+    picked = pick_view_at_random(torch.stack([both, both + 1, both + 2]))
+    assert torch.equal(picked, torch.stack([both[0], both[1] + 1, both[1] + 2]))
 
     monkeypatch.setattr("dbl.data.imagenet.load_vae", lambda name, subfolder, device: FakeVAE())
     dm = ImageNetDataModule(root=str(tmp_path / "img"), latents=str(tmp_path / "lat"), image_size=16, num_workers=0,
                             batch_size=2)
-    batch, _ = next(iter(dm.train_dataloader()))
-    assert batch.shape == (2, 4, 2, 2)
+    views, _ = next(iter(dm.train_dataloader()))  # each latent with its mirror image's
+    batch, _ = dm.on_after_batch_transfer((views, _), 0)  # one of them per item, drawn at the step
+    assert views.shape == (2, 2, 4, 2, 2) and batch.shape == (2, 4, 2, 2)
     decoded = dm.decode_samples(z[None])
     assert torch.allclose(decoded, FakeVAE().decode(z[None] / 0.5).sample.clamp(-1, 1))
     with pytest.raises(UsageError) as err:  # no val shards: an error, not the training latents in disguise

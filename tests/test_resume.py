@@ -28,6 +28,14 @@ TASKS = {
                "--data.init_args.eval_batch_size", "8", "--model.init_args.network.init_args.hidden_size", "32",
                "--model.init_args.network.init_args.num_heads", "2", "--model.init_args.eval_times", "2"],
               "lightning_logs/text8_standin_b3"),
+    # random flips, with a loader worker (flips drawn in the worker would not resume exactly)
+    "fashion": ([str(ROOT / "experiments" / "fashion_mnist_dit_b3.yaml"), "--data.init_args.root", "fm",
+                 "--data.init_args.num_workers", "1",
+                 "--data.init_args.cache_dir", "fm_cache", "--data.init_args.batch_size", "8",
+                 "--data.init_args.eval_batch_size", "8", "--data.init_args.val_fraction", "0.1",
+                 "--model.init_args.network.init_args.hidden_size", "32",
+                 "--model.init_args.network.init_args.num_heads", "2", "--model.init_args.network.init_args.patch_size", "8"],
+                "runs/fashion_mnist_dit_b3"),
 }
 
 
@@ -37,6 +45,10 @@ def _config(tmp_path: Path, fault: str = "", task: str = "image") -> list[str]:
         from test_text8 import write_text8_zip
 
         write_text8_zip(tmp_path / "text8", 20_000)
+    if task == "fashion" and not (tmp_path / "fm").exists():
+        from test_image_data import write_idx_gz
+
+        write_idx_gz(tmp_path / "fm" / "FashionMNIST" / "raw", n_train=200, n_test=8)
     (tmp_path / "run.yaml").write_text(
         "trainer:\n  callbacks:\n"
         "    - {class_path: dbl.callbacks.ModelCheckpoint, init_args: {save_last: true, every_n_train_steps: 10}}\n"
@@ -104,7 +116,8 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.parametrize("task, signal_name, stop_at, resumed_from", [
-    ("image", "SIGTERM", 15, 15), ("image", "SIGKILL", 25, 20), ("text8", "SIGKILL", 25, 20)])
+    ("image", "SIGTERM", 15, 15), ("image", "SIGKILL", 25, 20), ("text8", "SIGKILL", 25, 20),
+    ("fashion", "SIGKILL", 25, 20)])
 def test_stopped_and_rerun_is_bit_identical(uninterrupted, tmp_path, task, signal_name, stop_at, resumed_from):
     args = _config(tmp_path, f"    - {{class_path: faults.SignalAt, init_args: {{step: {stop_at}, "
                              f"signal_name: {signal_name}, once_file: signalled}}}}\n", task)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from dbl.data.checks import check_loader_options
-from dbl.data.images import ReferenceImages, default_cache_dir, is_writable
+from dbl.data.images import ReferenceImages, default_cache_dir, is_writable, mirror_at_random, pick_view_at_random
 from dbl.data.latents import LatentShardDataset, load_vae, read_meta
 from dbl.errors import MissingDataError, UsageError
 
@@ -76,18 +76,16 @@ class CenterCroppedImageFolder(Dataset):
 
 
 class _Scaled(Dataset):
-    """uint8 items -> [-1, 1] floats, with optional random left-right flips."""
+    """uint8 items -> [-1, 1] floats."""
 
-    def __init__(self, base: Dataset, random_flip: bool):
-        self.base, self.random_flip = base, random_flip
+    def __init__(self, base: Dataset):
+        self.base = base
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, i: int):
         x, label = self.base[i]
-        if self.random_flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
         return x.float() / 127.5 - 1.0, label
 
 
@@ -188,10 +186,18 @@ class ImageNetDataModule(L.LightningDataModule):
 
     def _dataset(self, split: str, train: bool) -> Dataset:
         folder = self._split_folder(split)
-        if self.latents is not None:
-            return LatentShardDataset(self.latents / folder, random_view=train and self.hparams.random_flip)
-        return _Scaled(CenterCroppedImageFolder(self.root / folder, self.hparams.image_size),
-                       random_flip=train and self.hparams.random_flip)
+        if self.latents is not None:  # training: every stored view, one picked per step (on_after_batch_transfer)
+            return LatentShardDataset(self.latents / folder, all_views=train and self.hparams.random_flip)
+        return _Scaled(CenterCroppedImageFolder(self.root / folder, self.hparams.image_size))
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # random views are drawn here, in the training process, so that resume is exact (dbl.data.images)
+        x, labels = batch
+        if x.dim() == 5:  # training latents with all their views
+            return pick_view_at_random(x), labels
+        if self.latents is None and self.hparams.random_flip and self.trainer is not None and self.trainer.training:
+            return mirror_at_random(x), labels
+        return batch
 
     def _eval_folder(self) -> str:
         """``val``, which validation and test both use; without it a one-line error (never the

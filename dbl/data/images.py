@@ -43,25 +43,35 @@ def check_val_fraction(val_fraction: float) -> None:
                          f"got {val_fraction}")
 
 
+# Training augmentation is drawn in the training process, once per step, after the batch reached
+# the device (the data modules' ``on_after_batch_transfer``), not in the datasets: the loader
+# (prefetching, its workers) would draw it at other moments in a resumed run than in the whole
+# one, whereas the training process's random streams are checkpointed (``dbl.training.rng``).
+def mirror_at_random(images: torch.Tensor) -> torch.Tensor:
+    """Each image of [N, C, H, W] mirrored left-right with probability 1/2 (DiT/EDM training practice)."""
+    flip = torch.rand(images.shape[0], device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def pick_view_at_random(views: torch.Tensor) -> torch.Tensor:
+    """[N, V, C, h, w] -> [N, C, h, w]: one of each item's V views (e.g. a latent and its mirror's), uniformly."""
+    chosen = torch.randint(views.shape[1], (views.shape[0],), device=views.device)
+    return views[torch.arange(views.shape[0], device=views.device), chosen]
+
+
 class UInt8ImageDataset(Dataset):
-    """``(image in [-1, 1] float32 [C, H, W], label)`` from a uint8 tensor [N, C, H, W].
+    """``(image in [-1, 1] float32 [C, H, W], label)`` from a uint8 tensor [N, C, H, W]."""
 
-    ``random_flip`` mirrors each image left-right with probability 1/2 (DiT/EDM training practice).
-    """
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, random_flip: bool = False):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
-        self.images, self.labels, self.random_flip = images, labels, random_flip
+        self.images, self.labels = images, labels
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def __getitem__(self, i: int):
-        x = self.images[i]
-        if self.random_flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x.float() / 127.5 - 1.0, self.labels[i]
+        return self.images[i].float() / 127.5 - 1.0, self.labels[i]
 
 
 class UInt8Images(Dataset):
@@ -157,7 +167,13 @@ class InMemoryImageDataModule(L.LightningDataModule):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.seed))
         return order[n_val:].sort().values, order[:n_val].sort().values
 
-    def _dataset(self, split: str, train: bool) -> UInt8ImageDataset:
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.hparams.random_flip and self.trainer is not None and self.trainer.training:
+            images, labels = batch
+            batch = mirror_at_random(images), labels
+        return batch
+
+    def _dataset(self, split: str) -> UInt8ImageDataset:
         """``train`` (minus the validation images), ``val`` (held out of train) or ``test``."""
         self._load("train" if split == "val" else split)
         if split == "test":
@@ -165,14 +181,14 @@ class InMemoryImageDataModule(L.LightningDataModule):
         else:
             index = self.split_indices()[split == "val"]
             images, labels = self._images["train"][index], self._labels["train"][index]
-        return UInt8ImageDataset(images, labels, random_flip=train and self.hparams.random_flip)
+        return UInt8ImageDataset(images, labels)
 
     def train_dataloader(self) -> DataLoader:
-        return StatefulDataLoader(self._dataset("train", True), batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
+        return StatefulDataLoader(self._dataset("train"), batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
                           num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
 
     def _eval_loader(self, split: str) -> DataLoader:
-        return DataLoader(self._dataset(split, False), batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
+        return DataLoader(self._dataset(split), batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
                           num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:

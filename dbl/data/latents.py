@@ -112,13 +112,14 @@ def encode_split(
 
 
 class LatentShardDataset(Dataset):
-    """``(latent float32 [C, h, w], label)`` from a latent folder; ``random_view`` picks the image or
-    its mirror at random when the shards hold both (training), else always the image itself."""
+    """``(latent float32 [C, h, w], label)`` from a latent folder: the image itself; with ``all_views``
+    and shards that hold the mirror image's latent too (training), ``[views, C, h, w]``, of which the
+    data module picks one per step (``dbl.data.images.pick_view_at_random``)."""
 
-    def __init__(self, folder: str | Path, random_view: bool = False):
+    def __init__(self, folder: str | Path, all_views: bool = False):
         self.folder = Path(folder)
         self.meta = read_meta(folder)
-        self.random_view = random_view and self.meta["views"] > 1
+        self.all_views = all_views and self.meta["views"] > 1
         self.latents = [self._load(s, "latents", mmap_mode="r") for s in self.meta["shards"]]
         self.labels = [self._load(s, "labels") for s in self.meta["shards"]]
         self.starts = np.cumsum([0] + [s["count"] for s in self.meta["shards"]]).tolist()
@@ -151,6 +152,6 @@ class LatentShardDataset(Dataset):
             raise IndexError(i)
         shard = bisect.bisect_right(self.starts, i) - 1
         j = i - self.starts[shard]
-        view = int(torch.randint(self.meta["views"], ())) if self.random_view else 0
+        view = slice(None) if self.all_views else 0
         latent = torch.from_numpy(np.array(self.latents[shard][j, view], dtype=np.float32))
         return latent, int(self.labels[shard][j])
