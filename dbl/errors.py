@@ -1,8 +1,9 @@
 """Errors the user fixes, not bugs: the CLI prints them as one line (exit status 2), no traceback.
 
-Constructors' ``ValueError``s are already reported that way (``dbl.cli``); these classes are for
-what is found only once a run starts: data that is missing or does not fit the settings, a
-tokenizer or judge model that cannot be loaded, a callback paired with the wrong data module.
+Raise ``UsageError`` for every bad option or input, in constructors (where an option is declared)
+and once a run starts (data that is missing or does not fit the model, a tokenizer or judge model
+that cannot be loaded, a callback paired with the wrong data module). Any other exception is a
+defect in dbl and keeps its traceback (``dbl.cli``).
 """
 
 

@@ -359,3 +359,17 @@ def test_sample_grid_decodes_latents(tiny_module):
     assert grid.make_grid(module).shape[0] == 4  # raw latents
     decoded = grid.make_grid(module, decode=lambda z: torch.tanh(z[:, :3]))
     assert decoded.shape[0] == 3
+
+
+def test_fashion_mnist_incomplete_cache_folder_is_unpacked_again(tmp_path):
+    """A cache folder holding only some of the four files (by hand, or an older dbl) is redone."""
+    root = tmp_path / "fm"
+    written = write_idx_gz(root / "FashionMNIST" / "raw", n_train=4, n_test=2)
+    dm = FashionMNISTDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), val_fraction=0.25)
+    partial = dm.dataset_root() / "FashionMNIST" / "raw"
+    partial.mkdir(parents=True)
+    (partial / RAW_FILES[0]).write_bytes(b"half")
+    dm.prepare_data()
+    assert sorted(p.name for p in partial.iterdir()) == sorted(RAW_FILES)
+    dm.setup("test")
+    assert torch.equal(dm._images["test"][:, 0, 2:30, 2:30], torch.from_numpy(written["t10k"][0]))

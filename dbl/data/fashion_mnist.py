@@ -151,6 +151,8 @@ class FashionMNISTDataModule(InMemoryImageDataModule):
         if target != self.root and all((raw / f"{n}.gz").exists() for n in RAW_FILES):
             if all((target / "FashionMNIST" / "raw" / n).exists() for n in RAW_FILES):
                 return
+            if target.exists():  # incomplete (written by hand, or by an older dbl): the cache is ours to redo
+                shutil.rmtree(target)
             try:
                 with atomic_path(target) as staging:  # all four files or none
                     unpack_gz(raw, staging / "FashionMNIST" / "raw")
