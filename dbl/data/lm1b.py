@@ -227,11 +227,9 @@ class LM1BDataModule(L.LightningDataModule):
         super().__init__()
         if seq_len < 2:
             raise UsageError(f"seq_len must be >= 2, got {seq_len}")
-        for name, value in (("batch_size", batch_size), ("val_sentences", val_sentences), ("max_train_sentences", max_train_sentences)):
-            if value is not None and value < 1:
-                raise UsageError(f"{name} must be >= 1, got {value}")
-        check_loader_options(eval_batch_size=eval_batch_size, predict_batch_size=predict_batch_size, num_proc=num_proc,
-                             num_workers=num_workers)
+        check_loader_options(batch_size=batch_size, eval_batch_size=eval_batch_size, val_sentences=val_sentences,
+                             max_train_sentences=max_train_sentences, predict_batch_size=predict_batch_size,
+                             num_proc=num_proc, num_workers=num_workers)
         self.save_hyperparameters()
         self.root = Path(root).expanduser()
         self._tokenizer = None
