@@ -125,10 +125,11 @@ def write_latents(root: Path) -> None:
     for split in ("train", "val"):
         folder = root / split
         folder.mkdir(parents=True)
-        np.save(folder / "latents_00000.npy", rng.standard_normal((4, 1, 4, 2, 2)).astype(np.float16))
+        # each latent with its mirror image's (views 2), as tools/encode_latents.py writes them with flips
+        np.save(folder / "latents_00000.npy", rng.standard_normal((4, 2, 4, 2, 2)).astype(np.float16))
         np.save(folder / "labels_00000.npy", np.array([0, 1, 0, 1], dtype=np.int64))
         meta = {"format": "dbl-latents-v1", "vae": "none", "scale_factor": 0.5, "image_size": 16, "latent_shape": [4, 2, 2],
-                "views": 1, "num_images": 4, "classes": ["cat", "dog"],
+                "views": 2, "num_images": 4, "classes": ["cat", "dog"],
                 "shards": [{"latents": "latents_00000.npy", "labels": "labels_00000.npy", "count": 4}]}
         (folder / "meta.json").write_text(json.dumps(meta))
 

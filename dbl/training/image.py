@@ -42,9 +42,12 @@ class ImageDiffusionModule(EDMDiffusionModule):
             raise UsageError(f"the data has {classes} classes (labels 0..{classes - 1}) but model.init_args.network.init_args.num_classes is "
                              f"{net_classes}; set num_classes: {classes}")
         item = first_item(datamodule, stage)
-        if item is None or not isinstance(item, (tuple, list)) or not torch.is_tensor(item[0]) or item[0].dim() != 3:
+        if item is None or not isinstance(item, (tuple, list)) or not torch.is_tensor(item[0]):
             return
-        (channels, height, width), in_channels, size = item[0].shape, getattr(net, "in_channels", None), getattr(net, "input_size", None)
+        image = item[0][0] if item[0].dim() == 4 else item[0]  # training latents come with all their views
+        if image.dim() != 3:
+            return
+        (channels, height, width), in_channels, size = image.shape, getattr(net, "in_channels", None), getattr(net, "input_size", None)
         if in_channels is not None and channels != in_channels:
             raise UsageError(f"the data's images have {channels} channels but model.init_args.network.init_args.in_channels is {in_channels}; "
                              f"set in_channels: {channels}")
