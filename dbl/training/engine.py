@@ -196,8 +196,8 @@ class BlockwiseLightningModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A step can leave weights non-finite while its loss and gradients were finite (a huge update);
         # the next step's loss then stops the run. Never let such weights become the `last` to resume.
-        # with EMA the average is the `state_dict` and the raw weights, which training resumes from, are
-        # `current_model_state` (dbl.callbacks.EMA, whose hook runs before this one)
+        # With EMA the average is the `state_dict` and the raw weights, which training resumes from, are
+        # `current_model_state` (dbl.callbacks.EMA, whose hook runs before this one).
         weights = {**checkpoint.get("current_model_state", {}), **checkpoint["state_dict"]}
         broken = [name for name, value in weights.items()
                   if value.is_floating_point() and not torch.isfinite(value).all()]
