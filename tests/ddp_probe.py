@@ -34,3 +34,22 @@ class RecordRanks(L.Callback):
         state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
         torch.save({"blocks": self.blocks, "rng": self.rng, "val": self.val, "state": state},
                    self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+class RecordMetrics(L.Callback):
+    """The metrics each process ends validation and test with, written to <dir>/<stage>_rank<r>.pt."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+
+    def _save(self, trainer, stage: str) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(stage)}
+        torch.save(metrics, self.out_dir / f"{stage}_rank{trainer.global_rank}.pt")
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._save(trainer, "val")
+
+    def on_test_end(self, trainer, pl_module):
+        self._save(trainer, "test")

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset, random_split
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from dbl.data.checks import check_loader_options
+from dbl.data.loaders import evaluation_loader
 from dbl.errors import UsageError
 
 
@@ -52,7 +53,7 @@ class DigitsDataModule(L.LightningDataModule):
                           num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+        return evaluation_loader(self, self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
 
     def predict_dataloader(self) -> DataLoader:
         labels = torch.arange(self.hparams.num_predict) % 10

@@ -21,6 +21,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from dbl.data.checks import check_loader_options
 from dbl.data.images import ReferenceImages, default_cache_dir, is_writable, mirror_at_random, pick_view_at_random
 from dbl.data.latents import LatentShardDataset, load_vae, read_meta
+from dbl.data.loaders import evaluation_loader
 from dbl.errors import MissingDataError, UsageError
 
 
@@ -215,7 +216,7 @@ class ImageNetDataModule(L.LightningDataModule):
                           num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
 
     def _eval_loader(self) -> DataLoader:
-        return DataLoader(self._dataset(self._eval_folder(), False), batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
+        return evaluation_loader(self, self._dataset(self._eval_folder(), False), batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
                           num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:

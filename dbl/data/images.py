@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from dbl.data.loaders import evaluation_loader
 from dbl.errors import UsageError
 
 
@@ -188,7 +189,7 @@ class InMemoryImageDataModule(L.LightningDataModule):
                           num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
 
     def _eval_loader(self, split: str) -> DataLoader:
-        return DataLoader(self._dataset(split), batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
+        return evaluation_loader(self, self._dataset(split), batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
                           num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:

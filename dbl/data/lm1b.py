@@ -43,6 +43,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from dbl.data.checks import check_loader_options
 from dbl.data.download import atomic_path
 from dbl.data.download import download as download_file
+from dbl.data.loaders import evaluation_loader
 from dbl.errors import MissingDataError, UsageError
 from dbl.hub import from_pretrained, resolve
 
@@ -365,8 +366,10 @@ class LM1BDataModule(L.LightningDataModule):
         if len(self.splits[split]) == 0:
             raise UsageError(f"the {split} split has no rows of seq_len={self.hparams.seq_len} tokens; lower seq_len")
         size = self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size or self.hparams.batch_size
-        loader = StatefulDataLoader if split == "train" else DataLoader
-        return loader(self.splits[split], batch_size=size, shuffle=shuffle, drop_last=shuffle, collate_fn=collate,
+        if split != "train":
+            return evaluation_loader(self, self.splits[split], batch_size=size, collate_fn=collate,
+                                     num_workers=self.hparams.num_workers)
+        return StatefulDataLoader(self.splits[split], batch_size=size, shuffle=shuffle, drop_last=shuffle, collate_fn=collate,
                           num_workers=self.hparams.num_workers)
 
     def train_dataloader(self) -> DataLoader:

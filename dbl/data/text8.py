@@ -26,6 +26,7 @@ from torchdata.stateful_dataloader.sampler import RandomSampler
 
 from dbl.data.checks import check_loader_options
 from dbl.data.download import download
+from dbl.data.loaders import evaluation_loader
 from dbl.errors import UsageError
 
 TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
@@ -139,6 +140,23 @@ def chunk_batches(num_chunks: int, has_short_last: bool, batch_size: int) -> lis
     return batches + ([[full]] if has_short_last else [])
 
 
+class ChunkBatches(Dataset):
+    """Batches of chunks as items (``chunk_batches``), ``(ids [n, seq_len], batch index)``: an evaluation
+    loader hands out whole batches, several processes share them batch by batch
+    (``dbl.data.loaders``), and the evaluation's random draws follow the batch index, so the BPC is
+    the same for any number of processes."""
+
+    def __init__(self, chunks: Chunks, batch_size: int):
+        self.chunks = chunks
+        self.batches = chunk_batches(len(chunks), len(chunks.ids) % chunks.seq_len != 0, batch_size)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack([self.chunks[i][0] for i in self.batches[index]]), torch.tensor(index)
+
+
 class Text8DataModule(L.LightningDataModule):
     """text8 as ``(ids [N, seq_len],)`` batches of character ids in [0, 27).
 
@@ -232,9 +250,8 @@ class Text8DataModule(L.LightningDataModule):
         hp, ids = self.hparams, self.splits[split]
         if len(ids) == 0:
             raise UsageError(f"the {split} split is empty; set data {split}_chars > 0")
-        chunks = Chunks(ids, hp.seq_len)
-        batches = chunk_batches(len(chunks), len(ids) % hp.seq_len != 0, hp.eval_batch_size or hp.batch_size)
-        return DataLoader(chunks, batch_sampler=batches, num_workers=hp.num_workers)
+        batches = ChunkBatches(Chunks(ids, hp.seq_len), hp.eval_batch_size or hp.batch_size)
+        return evaluation_loader(self, batches, batch_size=None, num_workers=hp.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

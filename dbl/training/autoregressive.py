@@ -188,6 +188,10 @@ class NextTokenLMModule(_LanguageModel, BlockwiseLightningModule):
         super().__init__(network, temperature=temperature, generate_tokens=generate_tokens, num_blocks=1, **kwargs)
         self.eval_metrics = per_stage(lambda: {"nll": SumMetric(), "tokens": SumMetric()})
 
+    @property
+    def leaves_parameters_unused(self) -> bool:
+        return True  # the decoder's noise conditioning: next-token prediction has no noisy rows
+
     def token_nll(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """[N, T-1] NLL of tokens 1..T-1 given their prefix, and the mask of positions that count."""
         tokens, loss_mask = batch

@@ -139,16 +139,22 @@ class BlockwiseLightningModule(L.LightningModule):
         """Raise a ``UsageError`` naming the option when ``datamodule`` does not fit the network
         (shapes, classes, vocabulary, sequence length). Called before step 0; tasks override it."""
 
+    @property
+    def leaves_parameters_unused(self) -> bool:
+        """Whether a training step leaves some parameters without a gradient: every other block's in
+        block-wise training (a task whose objective skips part of the network says so too)."""
+        return self.num_blocks > 1
+
     def setup(self, stage: str) -> None:
-        # Data-parallel: a block-wise step leaves every other block without gradients, which DDP
-        # treats as an error unless it looks for unused parameters. Turn that on before the
-        # strategy wraps the model (right after this hook), instead of failing at the second step.
+        # Data-parallel: DDP treats a parameter without a gradient as an error unless it looks for
+        # unused parameters. Turn that on before the strategy wraps the model (right after this
+        # hook), instead of failing at the second step.
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if stage == "fit" and self.num_blocks > 1 and isinstance(strategy, DDPStrategy):
+        if stage == "fit" and self.leaves_parameters_unused and isinstance(strategy, DDPStrategy):
             ddp_kwargs = strategy._ddp_kwargs  # read by DDPStrategy when it wraps the model
             if not ddp_kwargs.get("find_unused_parameters"):
                 ddp_kwargs["find_unused_parameters"] = True
-                rank_zero_info("dbl: DDP find_unused_parameters turned on (each block-wise step trains one block)")
+                rank_zero_info("dbl: DDP find_unused_parameters turned on (a training step leaves parameters unused)")
 
     def on_fit_start(self) -> None:
         if self.trainer.precision == "16-mixed":

@@ -16,25 +16,30 @@ import torch
 
 
 def collect() -> dict:
-    """This process's random state (plain tensors, tuples and ints: loadable with ``weights_only``)."""
-    np_state = np.random.get_state()
+    """This process's random state as plain bytes, ints and strings: loadable with ``weights_only`` and
+    sent between processes as it is (``all_gather_object``)."""
+    kind, keys, *rest = np.random.get_state()
     state = {
-        "torch": torch.get_rng_state(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state().numpy().tobytes(),
+        "numpy": (kind, keys.astype(np.uint32).tobytes(), *(x.item() if hasattr(x, "item") else x for x in rest)),
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
+def _bytes_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
 def restore(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(_bytes_tensor(state["torch"]))
     kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    np.random.set_state((kind, np.frombuffer(keys, dtype=np.uint32).copy(), *rest))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_bytes_tensor(s) for s in state["cuda"]])
 
 
 def collect_all_ranks(trainer) -> list[dict | None]:

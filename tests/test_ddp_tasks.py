@@ -1,0 +1,110 @@
+"""Every task trains, validates and tests on two CPU processes (gloo), launched as a user would
+(`dbl fit`, `dbl test`), and the test metrics that are sums equal the one-process values."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_lm1b import WORDS, write_archive
+from test_text8 import write_text8_zip
+
+from dbl.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TWO_PROCESSES = {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}
+
+
+def _dbl(args, cwd: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dbl", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+
+
+def _config(model: dict, data: dict, tmp_path: Path) -> Path:
+    config = {
+        "seed_everything": 0, "model": model, "data": data,
+        "trainer": {**TWO_PROCESSES, "max_steps": 4, "val_check_interval": 2, "check_val_every_n_epoch": None,
+                    "logger": False, "enable_progress_bar": False, "enable_model_summary": False,
+                    "default_root_dir": str(tmp_path),
+                    "callbacks": [{"class_path": "ddp_probe.RecordMetrics", "init_args": {"out_dir": str(tmp_path / "m")}},
+                                  {"class_path": "dbl.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}]},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _fit_and_test_on_two_processes(config: Path, tmp_path: Path, capsys) -> tuple[dict, dict]:
+    """(metrics of the two-process test on each rank, metrics of a one-process test of the same checkpoint)."""
+    _dbl(["fit", "--config", str(config)], tmp_path)
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 4
+    vals = [torch.load(tmp_path / "m" / f"val_rank{r}.pt") for r in (0, 1)]
+    assert vals[0] == vals[1] and vals[0]  # validated, synced: both ranks log the same values
+    _dbl(["test", "--config", str(config), "--ckpt_path", str(ckpt)], tmp_path)
+    tests = [torch.load(tmp_path / "m" / f"test_rank{r}.pt") for r in (0, 1)]
+    assert tests[0] == tests[1]
+    main(["test", "--config", str(config), "--ckpt_path", str(ckpt), "--trainer.devices", "1",
+          "--trainer.strategy", "auto", "--trainer.callbacks+", "ddp_probe.RecordMetrics",
+          "--trainer.callbacks.out_dir", str(tmp_path / "one")])
+    capsys.readouterr()
+    return tests[0], torch.load(tmp_path / "one" / "test_rank0.pt")
+
+
+def test_text8_on_two_processes_gives_the_one_process_bpc(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    write_text8_zip(tmp_path / "text8", 20_000)
+    model = {"class_path": "dbl.training.MaskedDiffusionModule",
+             "init_args": {"network": {"class_path": "dbl.models.token_dit.TokenDiT",
+                                       "init_args": {"seq_len": 32, "hidden_size": 32, "depth": 2, "num_heads": 2}},
+                           "num_blocks": 2, "eval_times": 2}}
+    data = {"class_path": "dbl.data.Text8DataModule",
+            "init_args": {"root": str(tmp_path / "text8"), "download": False, "train_chars": 18_000, "val_chars": 1_000,
+                          "test_chars": 1_000, "seq_len": 32, "batch_size": 8}}
+    two, one = _fit_and_test_on_two_processes(_config(model, data, tmp_path), tmp_path, capsys)
+    # every test chunk scored once, with the same t and masks: the same sum in float64
+    assert two["test/bpc"] == pytest.approx(one["test/bpc"], rel=1e-12, abs=0)
+    assert {k for k in two if k.startswith("test_bpc/block")} == {"test_bpc/block0", "test_bpc/block1"}
+
+
+def _lm1b(tmp_path: Path) -> dict:
+    vocab = tmp_path / "vocab"
+    vocab.mkdir()
+    (vocab / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    write_archive(tmp_path / "lm1b")
+    return {"class_path": "dbl.data.LM1BDataModule",
+            "init_args": {"root": str(tmp_path / "lm1b"), "download": False, "tokenizer": str(vocab), "seq_len": 16,
+                          "batch_size": 4, "eval_batch_size": 3, "val_sentences": 8, "num_proc": None}}
+
+
+def _llama() -> dict:
+    return {"class_path": "dbl.models.llama.Llama",
+            "init_args": {"vocab_size": len(WORDS) + 5, "hidden_size": 32, "depth": 2, "num_heads": 2}}
+
+
+def test_lm1b_next_token_on_two_processes_gives_the_one_process_perplexity(tmp_path, capsys, monkeypatch):
+    """The next-token baseline never uses the decoder's noise conditioning: DDP must allow that."""
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    model = {"class_path": "dbl.training.autoregressive.NextTokenLMModule", "init_args": {"network": _llama()}}
+    two, one = _fit_and_test_on_two_processes(_config(model, _lm1b(tmp_path), tmp_path), tmp_path, capsys)
+    # every test token scored once (none twice to even out the processes' shares)
+    assert two["test/ppl"] == pytest.approx(one["test/ppl"], rel=1e-6, abs=0)
+
+
+def test_lm1b_ar_diffusion_on_two_processes(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    model = {"class_path": "dbl.training.autoregressive.ARDiffusionLMModule",
+             "init_args": {"network": _llama(), "num_blocks": 2, "sample_steps": 2}}
+    two, _ = _fit_and_test_on_two_processes(_config(model, _lm1b(tmp_path), tmp_path), tmp_path, capsys)
+    assert {"test/loss", "test/ce"} <= set(two)
