@@ -281,7 +281,7 @@ def _trainer_hint(message: str) -> str:
     if "gradient clipping" in message:
         return "; dbl clips each step's block itself: set model.init_args.gradient_clip_val instead"
     if "gradient accumulation" in message:
-        return "; dbl steps one block per batch and does not accumulate: raise the data's batch_size instead"
+        return "; dbl's manual loop accumulates itself: set model.init_args.accumulate_grad_batches instead"
     return ""
 
 

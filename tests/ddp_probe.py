@@ -53,3 +53,18 @@ class RecordMetrics(L.Callback):
 
     def on_test_end(self, trainer, pl_module):
         self._save(trainer, "test")
+
+
+class RecordState(L.Callback):
+    """How many batches each process trained on, and its final state, written to <dir>/rank<r>.pt."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir, self.batches = Path(out_dir), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batches += 1
+
+    def on_train_end(self, trainer, pl_module):
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        torch.save({"batches": self.batches, "state": state}, self.out_dir / f"rank{trainer.global_rank}.pt")

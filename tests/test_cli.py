@@ -29,7 +29,7 @@ def run_main(args, capsys):
         (["--model.init_args.network.init_args.depth", "7"], "set layers_per_block explicitly, e.g. [3, 2, 2]"),
         (["--ckpt_path", "missing.ckpt"], "ckpt_path missing.ckpt: no such file"),
         (["--trainer.gradient_clip_val", "1.0"], "set model.init_args.gradient_clip_val instead"),
-        (["--trainer.accumulate_grad_batches", "2"], "raise the data's batch_size instead"),
+        (["--trainer.accumulate_grad_batches", "2"], "set model.init_args.accumulate_grad_batches instead"),
     ],
 )
 def test_bad_config_gives_one_line_error(override, message, capsys):

@@ -108,3 +108,21 @@ def test_lm1b_ar_diffusion_on_two_processes(tmp_path, capsys, monkeypatch):
              "init_args": {"network": _llama(), "num_blocks": 2, "sample_steps": 2}}
     two, _ = _fit_and_test_on_two_processes(_config(model, _lm1b(tmp_path), tmp_path), tmp_path, capsys)
     assert {"test/loss", "test/ce"} <= set(two)
+
+
+def test_gradient_accumulation_on_two_processes_keeps_the_replicas_identical(tmp_path):
+    """Two batches per step, gradients exchanged once per step (at its last batch)."""
+    config = yaml.safe_load((ROOT / "experiments" / "quickstart.yaml").read_text())
+    model = config["model"]["init_args"]
+    model["network"]["init_args"].update(hidden_size=32, num_heads=2)
+    model["accumulate_grad_batches"] = 2
+    config["data"]["init_args"]["batch_size"] = 16
+    config["trainer"] = {**TWO_PROCESSES, "max_steps": 4, "limit_val_batches": 0, "logger": False,
+                         "enable_checkpointing": False, "enable_progress_bar": False,
+                         "callbacks": [{"class_path": "ddp_probe.RecordState", "init_args": {"out_dir": str(tmp_path / "s")}}]}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    _dbl(["fit", "--config", str(tmp_path / "run.yaml")], tmp_path)
+    states = [torch.load(tmp_path / "s" / f"rank{r}.pt") for r in (0, 1)]
+    assert states[0]["batches"] == states[1]["batches"] == 8 and int(states[0]["state"]["block_updates"].sum()) == 4
+    for name, value in states[0]["state"].items():
+        assert torch.equal(value, states[1]["state"][name]), name

@@ -3,6 +3,7 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
+from conftest import tiny_dit
 from torch.utils.data import DataLoader, TensorDataset
 
 from dbl.training import make_schedule
@@ -260,3 +261,37 @@ def test_a_checkpoint_of_non_finite_weights_is_never_written(tiny_module, image_
                   limit_val_batches=0, default_root_dir=tmp_path, callbacks=[Blowup(), saver]).fit(module, loader(image_batch))
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0-step=1.ckpt", "last.ckpt"]
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 1
+
+
+def test_four_accumulated_batches_of_8_equal_one_batch_of_32(tiny_module, tmp_path):
+    """Gradient accumulation in the manual loop: the same block for the whole window, one optimizer
+    and scheduler step per window, the same update as one big batch (float tolerance)."""
+    from dbl.training import BlockLoss
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(32, 1, 8, 8, generator=gen) * 2 - 1, torch.randint(0, 10, (32,), generator=gen)
+
+    def deterministic_loss(module):
+        # no random sigma, noise or label dropout: the two runs see the same function of the data
+        def block_loss(batch, block):
+            xb, yb = batch
+            sigma = torch.full((xb.shape[0],), 0.7)
+            mse = module.per_sample_loss(xb, yb, sigma, xb.flip(-1), block)
+            return BlockLoss(mse.mean(), mse.mean(), sigma)
+        return block_loss
+
+    finals = []
+    for batch_size, k in ((32, 1), (8, 4)):
+        torch.manual_seed(0)  # the same initial weights in both runs
+        module = tiny_module(net=tiny_dit(class_dropout_prob=0.0), accumulate_grad_batches=k,
+                             optimizer=partial(torch.optim.SGD, lr=0.1), lr_scheduler=linear_warmup)
+        module.block_loss = deterministic_loss(module)
+        trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            default_root_dir=tmp_path)
+        trainer.fit(module, DataLoader(TensorDataset(x.repeat(3, 1, 1, 1), y.repeat(3)), batch_size=batch_size))
+        assert trainer.global_step == 3 and int(module.block_updates.sum()) == 3
+        assert [s.last_epoch for s in module.lr_schedulers()] == [int(u) for u in module.block_updates] + [3]
+        finals.append(module.state_dict())
+    for name, value in finals[0].items():
+        torch.testing.assert_close(finals[1][name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Literal, NamedTuple
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -70,6 +70,10 @@ class BlockwiseLightningModule(L.LightningModule):
             move when the training block changes: once per phase with ``phased``, on most steps
             with ``random``. Evaluation and sampling bring every block back for their duration.
         activation_checkpointing: recompute each layer's activations in backward (both modes).
+        accumulate_grad_batches: k > 1 accumulates the gradients of k batches before each optimizer
+            step, all k on the same block (a step is k batches: ``max_steps``, the schedule and the
+            schedulers count steps), for an effective batch k times the data's ``batch_size``.
+            Lightning's own ``trainer.accumulate_grad_batches`` does not apply to this manual loop.
         skip_nonfinite_steps: a step whose loss or gradient norm is not finite stops the run with an
             error naming the step and block (``dbl.errors.DivergenceError``); with N > 0 up to N such
             steps are skipped instead (no update; the batch is dropped), and the N+1-th stops the run.
@@ -90,6 +94,7 @@ class BlockwiseLightningModule(L.LightningModule):
         gradient_clip_val: float | None = 1.0,
         offload_inactive: bool = False,
         activation_checkpointing: bool = False,
+        accumulate_grad_batches: int = 1,
         skip_nonfinite_steps: int = 0,
     ):
         super().__init__()
@@ -104,6 +109,10 @@ class BlockwiseLightningModule(L.LightningModule):
         if gradient_clip_val is not None and gradient_clip_val <= 0:
             raise UsageError(f"gradient_clip_val must be positive or null, got {gradient_clip_val}")
         self.gradient_clip_val = gradient_clip_val
+        if accumulate_grad_batches < 1:
+            raise UsageError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self._window: list[BlockLoss] = []  # the batches of the optimizer step under way
         if skip_nonfinite_steps < 0:
             raise UsageError(f"skip_nonfinite_steps must be >= 0, got {skip_nonfinite_steps}")
         self.skip_nonfinite_steps = skip_nonfinite_steps
@@ -342,7 +351,21 @@ class BlockwiseLightningModule(L.LightningModule):
             self.offloader.activate(block)
         optimizers, schedulers = self._optimizers_and_schedulers(block)
         out = self.block_loss(batch, block)
-        self.manual_backward(out.loss)
+        k = self.accumulate_grad_batches
+        strategy = self.trainer.strategy
+        if k > 1 and len(self._window) + 1 < k and isinstance(strategy, ParallelStrategy):
+            sync = strategy.block_backward_sync()  # processes exchange gradients once per window, at its end
+        else:
+            sync = nullcontext()
+        with sync:
+            self.manual_backward(out.loss / k if k > 1 else out.loss)
+        if k > 1:  # the step's loss is the mean over its k batches (equal sizes: drop_last)
+            self._window.append(BlockLoss(out.loss.detach(), out.unweighted.detach(), out.noise_level.detach()))
+            if len(self._window) < k:
+                return out.loss.detach()
+            window, self._window = self._window, []
+            out = BlockLoss(torch.stack([w.loss for w in window]).mean(), torch.stack([w.unweighted for w in window]).mean(),
+                            torch.cat([w.noise_level for w in window]))
         params = [p for g in (self.network.block_parameters(block), self.network.shared_parameters()) for p in g]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.gradient_clip_val or float("inf"))
         finite = bool(torch.isfinite(out.loss) & torch.isfinite(grad_norm))
