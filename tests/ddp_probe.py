@@ -68,3 +68,22 @@ class RecordState(L.Callback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
         torch.save({"batches": self.batches, "state": state}, self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+class RecordTraffic(L.Callback):
+    """Per step: the block trained and the gradient bytes this process all-reduced (strategies that
+    count them, ``dbl.training.BlockwiseDDPStrategy``), and the final state; <dir>/rank<r>.pt."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir, self.steps, self._before = Path(out_dir), [], 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._before = trainer.strategy.bytes_reduced
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append((pl_module.last_trained_block, trainer.strategy.bytes_reduced - self._before))
+
+    def on_train_end(self, trainer, pl_module):
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        torch.save({"steps": self.steps, "state": state}, self.out_dir / f"rank{trainer.global_rank}.pt")

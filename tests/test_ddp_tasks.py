@@ -126,3 +126,47 @@ def test_gradient_accumulation_on_two_processes_keeps_the_replicas_identical(tmp
     assert states[0]["batches"] == states[1]["batches"] == 8 and int(states[0]["state"]["block_updates"].sum()) == 4
     for name, value in states[0]["state"].items():
         assert torch.equal(value, states[1]["state"][name]), name
+
+
+def _quickstart_on_two_processes(tmp_path: Path, strategy, callback: str, **model_options) -> Path:
+    config = yaml.safe_load((ROOT / "experiments" / "quickstart.yaml").read_text())
+    model = config["model"]["init_args"]
+    model["network"]["init_args"].update(hidden_size=32, num_heads=2)
+    model.update(model_options)
+    config["data"]["init_args"]["batch_size"] = 16
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config["trainer"] = {**TWO_PROCESSES, "strategy": strategy, "max_steps": 6, "limit_val_batches": 0,
+                         "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+                         "callbacks": [{"class_path": callback, "init_args": {"out_dir": str(tmp_path / "s")}}]}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    _dbl(["fit", "--config", str(tmp_path / "run.yaml")], tmp_path)
+    return tmp_path / "s"
+
+
+def test_blockwise_ddp_all_reduces_only_the_trained_block_and_the_shared_part(tmp_path):
+    """BlockwiseDDPStrategy: each step all-reduces exactly the training block's and the shared
+    parameters' gradients (float32 bytes), and trains as DDP does (same final weights)."""
+    from conftest import tiny_dit
+
+    from dbl.models.blockwise import BlockwiseNetwork
+
+    # plain SGD, no clipping, no warm-up: the update is proportional to the averaged gradient
+    sgd = {"optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05}}, "lr_scheduler": None,
+           "gradient_clip_val": None}
+    ours = _quickstart_on_two_processes(tmp_path / "blockwise", {"class_path": "dbl.training.BlockwiseDDPStrategy"},
+                                        "ddp_probe.RecordTraffic", **sgd)
+    ranks = [torch.load(ours / f"rank{r}.pt") for r in (0, 1)]
+    net = BlockwiseNetwork(tiny_dit(num_classes=10, class_dropout_prob=0.1), 3)
+    block_bytes = [4 * sum(p.numel() for p in net.block_parameters(b)) for b in range(3)]
+    shared_bytes = 4 * sum(p.numel() for p in net.shared_parameters())
+    whole = 4 * sum(p.numel() for p in net.parameters())
+    assert ranks[0]["steps"] == ranks[1]["steps"]
+    assert [nbytes for _, nbytes in ranks[0]["steps"]] == [block_bytes[b] + shared_bytes for b, _ in ranks[0]["steps"]]
+    assert all(nbytes < whole / 2 for _, nbytes in ranks[0]["steps"])  # DDP would move `whole` every step
+    for name, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][name]), name
+
+    ddp = _quickstart_on_two_processes(tmp_path / "ddp", "ddp", "ddp_probe.RecordState", **sgd)
+    reference = torch.load(ddp / "rank0.pt")["state"]
+    for name, value in ranks[0]["state"].items():
+        torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-6, msg=name)

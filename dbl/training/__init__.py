@@ -7,9 +7,10 @@ from dbl.training.image import ImageDiffusionModule
 from dbl.training.masked import MaskedDiffusionModule
 from dbl.training.metrics import BitsPerCharacter, PerBlockMean
 from dbl.training.schedules import BlockSchedule, make_schedule
+from dbl.training.strategies import BlockwiseDDPStrategy
 
 __all__ = [
-    "ARDiffusionLMModule", "BitsPerCharacter", "BlockLoss", "BlockSchedule", "BlockwiseLightningModule",
+    "ARDiffusionLMModule", "BitsPerCharacter", "BlockLoss", "BlockSchedule", "BlockwiseDDPStrategy", "BlockwiseLightningModule",
     "EDMDiffusionModule", "ImageDiffusionModule", "MaskedDiffusionModule", "NextTokenLMModule", "PerBlockMean",
     "make_schedule",
 ]

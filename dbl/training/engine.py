@@ -32,6 +32,7 @@ from dbl.training import rng
 from dbl.training.checks import check_optimizer_options, check_trainer_options
 from dbl.training.offload import BlockOffloader
 from dbl.training.schedules import make_schedule
+from dbl.training.strategies import BlockwiseDDPStrategy
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
@@ -159,7 +160,8 @@ class BlockwiseLightningModule(L.LightningModule):
         # unused parameters. Turn that on before the strategy wraps the model (right after this
         # hook), instead of failing at the second step.
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if stage == "fit" and self.leaves_parameters_unused and isinstance(strategy, DDPStrategy):
+        wrapped_in_ddp = isinstance(strategy, DDPStrategy) and not isinstance(strategy, BlockwiseDDPStrategy)
+        if stage == "fit" and self.leaves_parameters_unused and wrapped_in_ddp:
             ddp_kwargs = strategy._ddp_kwargs  # read by DDPStrategy when it wraps the model
             if not ddp_kwargs.get("find_unused_parameters"):
                 ddp_kwargs["find_unused_parameters"] = True
