@@ -6,10 +6,31 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
+
+TESTS = Path(__file__).resolve().parent
+
+
+def run_dbl(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m dbl *args`` in a child, as a user runs it, with this folder importable (these
+    callbacks) and one thread per process. SIGINT is reset to its default in the child: a shell running
+    the suite in the background (CI runners, nohup) starts its children with SIGINT ignored. The
+    child is always killed on the way out, whatever failed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dbl", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 class RecordSteps(Callback):

@@ -1,11 +1,8 @@
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from faults import run_dbl
 
 from dbl.cli import main
 
@@ -68,18 +65,8 @@ def test_print_config_roundtrip(capsys):
 
 
 def _dbl(args, cwd) -> tuple[int, str]:
-    """Run ``dbl`` in a child with SIGINT at its default: a shell running this suite in the background
-    (CI runners, nohup) starts its children with SIGINT ignored. The child is always killed on the way out."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "dbl", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        out, _ = proc.communicate(timeout=600)
-    finally:
-        proc.kill()
-    return proc.returncode, out
+    result = run_dbl(args, cwd)
+    return result.returncode, result.stdout + result.stderr
 
 
 def test_quickstart_ctrl_c_checkpoints_and_rerun_resumes(tmp_path):

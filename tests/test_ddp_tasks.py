@@ -1,14 +1,12 @@
 """Every task trains, validates and tests on two CPU processes (gloo), launched as a user would
 (`dbl fit`, `dbl test`), and the test metrics that are sums equal the one-process values."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from faults import run_dbl
 from test_lm1b import WORDS, write_archive
 from test_text8 import write_text8_zip
 
@@ -19,15 +17,8 @@ TWO_PROCESSES = {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}
 
 
 def _dbl(args, cwd: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "dbl", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        _, err = proc.communicate(timeout=600)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err[-3000:]
+    result = run_dbl(args, cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def _config(model: dict, data: dict, tmp_path: Path) -> Path:

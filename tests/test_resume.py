@@ -2,14 +2,12 @@
 power loss) and started again with the same command ends bit-identical to a run never stopped."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from faults import run_dbl
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "experiments" / "quickstart.yaml")
@@ -61,18 +59,6 @@ def _config(tmp_path: Path, fault: str = "", task: str = "image") -> list[str]:
             "--trainer.enable_progress_bar", "false"]
 
 
-def _dbl(args, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "dbl", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=600)
-    finally:
-        proc.kill()  # never leave a training child behind, whatever failed
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
 def _steps(path: Path) -> dict[int, list[tuple]]:
     seen: dict[int, list[tuple]] = {}
     for line in path.read_text().splitlines():
@@ -108,7 +94,7 @@ def uninterrupted(tmp_path_factory):
     def run(task: str) -> Path:
         if task not in runs:
             runs[task] = tmp_path_factory.mktemp(f"uninterrupted_{task}")
-            result = _dbl(_config(runs[task], task=task), runs[task])
+            result = run_dbl(_config(runs[task], task=task), runs[task])
             assert result.returncode == 0, result.stderr[-3000:]
         return runs[task]
 
@@ -121,7 +107,7 @@ def uninterrupted(tmp_path_factory):
 def test_stopped_and_rerun_is_bit_identical(uninterrupted, tmp_path, task, signal_name, stop_at, resumed_from):
     args = _config(tmp_path, f"    - {{class_path: faults.SignalAt, init_args: {{step: {stop_at}, "
                              f"signal_name: {signal_name}, once_file: signalled}}}}\n", task)
-    stopped = _dbl(args, tmp_path)
+    stopped = run_dbl(args, tmp_path)
     if signal_name == "SIGTERM":
         # a scheduler must see a failure, and the user where the work went
         assert stopped.returncode == 143, stopped.stderr[-3000:]
@@ -130,7 +116,7 @@ def test_stopped_and_rerun_is_bit_identical(uninterrupted, tmp_path, task, signa
         assert stopped.returncode == -signal.SIGKILL
     assert max(_steps(tmp_path / "steps.jsonl")) == stop_at
 
-    resumed = _dbl(args, tmp_path)  # the same command again
+    resumed = run_dbl(args, tmp_path)  # the same command again
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"(step {resumed_from}); to start over, add --fresh" in resumed.stderr
     assert not (tmp_path / "checkpoints" / "run" / "on_exception.ckpt").exists()  # used up
