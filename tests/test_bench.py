@@ -61,10 +61,12 @@ def test_bench_memory(tiny_config, batch_size, mode, capsys, monkeypatch):
 
 def test_bench_speed(tiny_config, capsys, monkeypatch):
     out = run_tool("bench_speed.py", ["--config", tiny_config, "--blocks", "3", "--steps", "2", "--sample-steps", "3",
-                                      "--num-samples", "2", "--phase-steps", "2"], capsys, monkeypatch)
+                                      "--num-samples", "2", "--phase-steps", "2", "--rounds", "2"], capsys, monkeypatch)
     rows = rows_of(out)
     assert set(rows) == {"end-to-end", "block-wise B=3", "block-wise B=3 + offload, new block every step"}
     assert rows["block-wise B=3"][-1].endswith("%")
+    # two rounds of the variants in turn: each ratio is the median with its range over the rounds
+    assert re.fullmatch(r"\d+\.\d\d \(\d+\.\d\d-\d+\.\d\d\)", " ".join(rows["block-wise B=3"][3:5]))
 
 
 TEXT = """

@@ -7,6 +7,10 @@ one end-to-end step (equal layer-updates; the paper measured 1.07x), the time to
 solver steps (each step runs one block, so block-wise should be about B times faster), and the
 share of a phase spent moving blocks when inactive blocks are offloaded, and the step time when
 the block changes at every step with offloading on (the random schedule's worst case).
+
+On a shared machine the speed drifts between variants measured one after the other, so the
+variants run in turn for ``--rounds`` rounds (A B C A B C ...; each turn a short run with its own
+warm-up), and each ratio is the median over rounds with its range.
 """
 
 from __future__ import annotations
@@ -51,10 +55,6 @@ def seconds(t: float | None) -> str:
     return "-" if t is None else f"{t:.3f}"
 
 
-def ratio(a: float | None, b: float | None) -> str:
-    return "-" if a is None or b is None else f"{a / b:.2f}"
-
-
 def offload_share(config, num_blocks, depth, batch_size, phase_steps, accelerator):
     """Fraction of a phased run's time spent moving blocks, with one full cycle of phases."""
     variant = Variant("offload", num_blocks, offload=True,
@@ -65,13 +65,23 @@ def offload_share(config, num_blocks, depth, batch_size, phase_steps, accelerato
     return module.offloader.seconds / sum(timer.times)
 
 
+def spread(values: list[float]) -> str:
+    """``median (min-max)`` of per-round values."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--blocks", type=int, nargs="*", default=[3],
                         help="block counts to compare with end-to-end; none: end-to-end only (e.g. a next-token baseline)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=12, help="measured training steps per variant")
+    parser.add_argument("--steps", type=int, default=12, help="measured training steps per variant and round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of all variants in turn (A B A B ...): a shared machine's slow spells fall on "
+                             "both sides of each ratio, and the per-round ratios give its spread")
     parser.add_argument("--sample-steps", type=int, default=50)
     parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--phase-steps", type=int, default=20, help="phase length for the offload measurement")
@@ -80,24 +90,36 @@ def main() -> None:
     accelerator = default_accelerator()
     depth = network_depth(args.config)
 
-    e2e_step, e2e_module = median_step(args.config, Variant("end-to-end", 1), depth, args.batch_size, args.steps, accelerator)
-    e2e_sample = sampling_time(e2e_module, args.num_samples, args.sample_steps)
-    rows = [["variant", "step (ms)", "B steps / e2e step", "sampling (s)", "sampling e2e/x", "offload share of phase"]]
-    rows.append(["end-to-end", f"{e2e_step * 1e3:.1f}", "1.00", seconds(e2e_sample), ratio(e2e_sample, e2e_sample), "-"])
+    variants = [("end-to-end", Variant("end-to-end", 1))]
     for b in args.blocks:
-        step, module = median_step(args.config, Variant(f"B={b}", b), depth, args.batch_size, args.steps, accelerator)
-        sample = sampling_time(module, args.num_samples, args.sample_steps)
-        share = offload_share(args.config, b, depth, args.batch_size, args.phase_steps, accelerator)
-        rows.append([f"block-wise B={b}", f"{step * 1e3:.1f}", f"{b * step / e2e_step:.2f}", seconds(sample),
-                     ratio(e2e_sample, sample), f"{share:.2%}"])
+        variants.append((f"block-wise B={b}", Variant(f"B={b}", b)))
         # offloading when the block changes at every step: the worst case of the random schedule
-        moving, _ = median_step(args.config, Variant(f"B={b} offload", b, offload=True), depth, args.batch_size,
-                                args.steps, accelerator)
-        rows.append([f"block-wise B={b} + offload, new block every step", f"{moving * 1e3:.1f}",
-                     f"{b * moving / e2e_step:.2f}", "-", "-", "-"])
+        variants.append((f"block-wise B={b} + offload, new block every step", Variant(f"B={b} offload", b, offload=True)))
+    step = {name: [] for name, _ in variants}
+    sample = {name: [] for name, _ in variants}
+    for _ in range(args.rounds):
+        for name, variant in variants:
+            seconds_per_step, module = median_step(args.config, variant, depth, args.batch_size, args.steps, accelerator)
+            step[name].append(seconds_per_step)
+            if not variant.offload:
+                sample[name].append(sampling_time(module, args.num_samples, args.sample_steps))
+
+    rows = [["variant", "step (ms)", "B steps / e2e step", "sampling (s)", "sampling e2e/x", "offload share of phase"]]
+    e2e = "end-to-end"
+    for name, variant in variants:
+        b = variant.num_blocks
+        step_ratio = spread([b * s / e for s, e in zip(step[name], step[e2e])])
+        has_sampling = sample[name] and sample[name][0] is not None
+        sample_ratio = spread([e / s for s, e in zip(sample[name], sample[e2e])]) if has_sampling else "-"
+        sample_s = seconds(statistics.median(sample[name])) if has_sampling else "-"
+        share = "-"
+        if b > 1 and not variant.offload:
+            share = f"{offload_share(args.config, b, depth, args.batch_size, args.phase_steps, accelerator):.2%}"
+        rows.append([name, f"{statistics.median(step[name]) * 1e3:.1f}", step_ratio, sample_s, sample_ratio, share])
     device = torch.cuda.get_device_name() if accelerator == "gpu" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\nSpeed, {args.config}, batch {args.batch_size}, median of {args.steps} steps after warm-up, "
-          f"sampling {args.num_samples} samples x {args.sample_steps} steps, phases of {args.phase_steps} steps, {device}")
+    print(f"\nSpeed, {args.config}, batch {args.batch_size}, {args.rounds} rounds of all variants in turn, each the "
+          f"median of {args.steps} steps after warm-up; ratios: median (min-max) over rounds; sampling "
+          f"{args.num_samples} samples x {args.sample_steps} steps, phases of {args.phase_steps} steps, {device}")
     print(table(rows))
 
 
