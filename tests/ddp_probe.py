@@ -1,4 +1,4 @@
-"""A callback for tests/test_ddp.py: what each data-parallel process did, written to <dir>/rank<r>.pt."""
+"""Callbacks for the multi-process tests: what each data-parallel process did, written to <dir>/rank<r>.pt."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import lightning as L
+import tiny_features  # noqa: F401 - registers the tiny FID extractor in the processes `dbl` starts
 import torch
 
 
@@ -44,7 +45,7 @@ class RecordMetrics(L.Callback):
 
     def _save(self, trainer, stage: str) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(stage)}
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith((stage, "fid"))}
         torch.save(metrics, self.out_dir / f"{stage}_rank{trainer.global_rank}.pt")
 
     def on_validation_end(self, trainer, pl_module):

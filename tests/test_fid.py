@@ -45,7 +45,7 @@ def test_reference_statistics_are_cached_by_what_they_cover(tmp_path, monkeypatc
     first = reference_statistics(ref, extractor)
     path = stats_cache_path(ref, extractor)
     assert path.exists() and path.parent == tmp_path
-    monkeypatch.setattr(FeatureExtractor, "features", lambda *a, **k: pytest.fail("cache miss"))
+    monkeypatch.setattr(FeatureExtractor, "__call__", lambda *a, **k: pytest.fail("cache miss"))
     again = reference_statistics(ref, extractor)
     assert np.array_equal(first["mu"], again["mu"]) and np.array_equal(first["sigma"], again["sigma"])
     smaller = ReferenceImages(UInt8Images(reference[:10]), {"dataset": "x", "split": "test", "n": 10}, tmp_path)
@@ -121,7 +121,7 @@ def test_reference_statistics_load_with_the_data_modules_workers(tmp_path, monke
     class Recorded(Exception):
         """Stops evaluate() once the reference statistics were asked for."""
 
-    def record(ref, extractor, batch_size, cache_dir, num_workers=0):
+    def record(ref, extractor, batch_size, cache_dir, num_workers=0, shard=None):
         seen.append(num_workers)
         raise Recorded
 

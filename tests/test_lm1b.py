@@ -80,11 +80,14 @@ def make_data(root, vocab_dir, **kw):
 
 @pytest.fixture(scope="module")
 def judge_dir(tmp_path_factory):
-    """A tiny random GPT-2 with a word-level tokenizer, saved like a hub model."""
+    return write_judge(tmp_path_factory.mktemp("judge"))
+
+
+def write_judge(d):
+    """A tiny random GPT-2 with a word-level tokenizer, saved in ``d`` like a hub model."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    d = tmp_path_factory.mktemp("judge")
     vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", *WORDS])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()

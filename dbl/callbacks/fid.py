@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from pathlib import Path
@@ -11,12 +10,13 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Subset
 from tqdm import tqdm
 
 from dbl.callbacks.paths import run_dir
 from dbl.data.images import ReferenceImages, to_uint8
+from dbl.diffusion.draws import per_sample_generators
 from dbl.diffusion.samplers import check_solver
 from dbl.errors import UsageError
 from dbl.evaluation.fid import (
@@ -27,6 +27,7 @@ from dbl.evaluation.fid import (
     reference_statistics,
     statistics,
 )
+from dbl.evaluation.sharding import Shard
 
 
 class FID(L.Callback):
@@ -42,7 +43,10 @@ class FID(L.Callback):
     models, ``decode_samples(latents)`` (pixels in [-1, 1]) so that FID sees images. Labels are
     balanced over the model's classes (shuffled by the seed); unconditional models get none.
     Reference statistics are cached next to the data, keyed by a hash of the images' content and
-    the feature extractor, so they are computed once (with the DataModule's ``num_workers``). Runs on global rank 0 only. When a run will use
+    the feature extractor, so they are computed once (with the DataModule's ``num_workers``). Sample i of
+    a seed is drawn from its own generator, seeded by (seed, i), so the sample set does not depend on
+    ``batch_size`` or on the number of processes, and several processes share the work batch by batch
+    (every one ends with the same numbers; process 0 writes the files). When a run will use
     it (``dbl test``, or ``fit`` with ``every_n_epochs > 0``), the data module and the extractor's
     weights are checked at setup, before anything is trained or sampled.
 
@@ -118,8 +122,7 @@ class FID(L.Callback):
         if not (stage == "test" or (stage == "fit" and self.every_n_epochs > 0)):
             return
         self._check_datamodule(trainer)
-        if trainer.is_global_zero:
-            self._feature_extractor(trainer.strategy.root_device)
+        self._feature_extractor(trainer.strategy.root_device)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         epoch = trainer.current_epoch
@@ -132,11 +135,9 @@ class FID(L.Callback):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         self._log(pl_module, self.evaluate(trainer, pl_module, "test"))
 
-    def _log(self, pl_module, results: dict | None) -> None:
-        if results is None:  # ranks other than 0 computed nothing
-            return
-        for name, value in results["metrics"].items():
-            pl_module.log(name, value, rank_zero_only=True)
+    def _log(self, pl_module, results: dict) -> None:
+        for name, value in results["metrics"].items():  # the same on every process
+            pl_module.log(name, value)
 
     # -- the evaluation --------------------------------------------------------------------
     @staticmethod
@@ -166,50 +167,65 @@ class FID(L.Callback):
         labels = torch.arange(self.num_samples) % num_classes
         return labels[torch.randperm(self.num_samples, generator=gen)]
 
-    def generate(self, trainer: L.Trainer, pl_module, seed: int):
-        """Yield (uint8 images [n, C, H, W], labels or None) batch by batch for one seed."""
-        labels = self._labels(pl_module, seed)
-        gen = torch.Generator().manual_seed(seed)
-        decode = getattr(trainer.datamodule, "decode_samples", None)
-        for start in range(0, self.num_samples, self.batch_size):
-            n = min(self.batch_size, self.num_samples - start)
-            batch_labels = None if labels is None else labels[start:start + n]
-            # the trainer's precision (e.g. bf16 autocast): callback hooks run outside it otherwise
-            with trainer.precision_plugin.forward_context():
-                images = pl_module.sample(labels=batch_labels, num_samples=n, generator=gen, **self.sampler)
-                if decode is not None:
-                    images = decode(images)
-            yield to_uint8(images).cpu(), batch_labels
+    def generate(self, trainer: L.Trainer, pl_module, seed: int, start: int, n: int, labels: torch.Tensor | None):
+        """(uint8 images [n, C, H, W], their labels or None): samples ``start`` .. ``start + n - 1`` of
+        ``seed``, each drawn from its own generator (so any batching on any process gives them)."""
+        batch_labels = None if labels is None else labels[start:start + n]
+        generators = per_sample_generators(seed, range(start, start + n))
+        # the trainer's precision (e.g. bf16 autocast): callback hooks run outside it otherwise
+        with trainer.precision_plugin.forward_context():
+            images = pl_module.sample(labels=batch_labels, num_samples=n, generator=generators, **self.sampler)
+            decode = getattr(trainer.datamodule, "decode_samples", None)
+            if decode is not None:
+                images = decode(images)
+        return to_uint8(images).cpu(), batch_labels
 
-    @rank_zero_only
     def evaluate(self, trainer: L.Trainer, pl_module, stage: str = "test") -> dict:
-        """Compute FID against each reference split for each seed; returns metrics and settings."""
+        """Compute FID against each reference split for each seed; returns metrics and settings.
+
+        Under several processes each generates and featurises its share of the batches
+        (``dbl.evaluation.sharding``); all end with the same numbers, and process 0 writes the files.
+        """
         datamodule = self._check_datamodule(trainer)
         extractor = self._feature_extractor(pl_module.device)
+        shard = Shard.current()
         started = time.perf_counter()
         reference_sets = {split: self._reference(datamodule, split) for split in self.reference_splits}
         workers = getattr(datamodule, "hparams", {}).get("num_workers", 0) or 0  # load references as training does
-        references = {split: reference_statistics(ref, extractor, self.batch_size, self.stats_cache_dir, num_workers=workers)
+        references = {split: reference_statistics(ref, extractor, self.batch_size, self.stats_cache_dir, num_workers=workers,
+                                                  shard=shard)
                       for split, ref in reference_sets.items()}
         reference_seconds = time.perf_counter() - started
         per_seed: dict[int, dict[str, float]] = {}
+        num_batches = -(-self.num_samples // self.batch_size)
         for seed in self.seeds:
             started_seed = time.perf_counter()
+            labels = self._labels(pl_module, seed)
             parts: dict[str, list[torch.Tensor]] = {}
             saved_images, saved_labels = [], []
-            sampling_seconds, batches = 0.0, self.generate(trainer, pl_module, seed)
-            progress = tqdm(total=self.num_samples, desc=f"FID samples, seed {seed}", unit="img", disable=None)
-            for index in itertools.count():
-                tic = time.perf_counter()
-                images, labels = next(batches, (None, None))
-                sampling_seconds += time.perf_counter() - tic
-                if images is None:
-                    break
-                progress.update(len(images))
-                for k, v in extractor(images).items():
-                    parts.setdefault(k, []).append(v)
-                if self.save_samples != "none":
-                    self._save_batch(trainer, seed, index * self.batch_size, images, labels, saved_images, saved_labels)
+            sampling_seconds = 0.0
+            progress = tqdm(total=self.num_samples, desc=f"FID samples, seed {seed}", unit="img",
+                            disable=None if shard.rank == 0 else True)
+            for k in shard.rounds(num_batches):
+                part = None
+                if k is not None:
+                    start = k * self.batch_size
+                    tic = time.perf_counter()
+                    images, batch_labels = self.generate(trainer, pl_module, seed, start,
+                                                         min(self.batch_size, self.num_samples - start), labels)
+                    sampling_seconds += time.perf_counter() - tic
+                    if self.save_samples == "png":
+                        self._save_png(trainer, seed, start, images)
+                    keep = (images, batch_labels) if self.save_samples == "npz" else None
+                    part = (extractor(images), keep)
+                for features, keep in shard.gather(part):
+                    progress.update(len(features[extractor.layer]))
+                    for name, value in features.items():
+                        parts.setdefault(name, []).append(value)
+                    if keep is not None and shard.rank == 0:
+                        saved_images.append(keep[0])
+                        if keep[1] is not None:
+                            saved_labels.append(keep[1])
             progress.close()
             features = {k: torch.cat(v) for k, v in parts.items()}
             generated = statistics(features[extractor.layer])
@@ -217,9 +233,9 @@ class FID(L.Callback):
             if self.inception_score:
                 scores["inception_score"] = inception_score(features["logits_unbiased"])[0]
             scores["seconds"] = time.perf_counter() - started_seed
-            scores["sampling_seconds"] = sampling_seconds
+            scores["sampling_seconds"] = sampling_seconds  # this process's
             per_seed[seed] = scores
-            if self.save_samples == "npz":
+            if self.save_samples == "npz" and shard.rank == 0:
                 self._write_npz(trainer, seed, saved_images, saved_labels)
         metrics = {f"fid/{split}": min(s[f"fid/{split}"] for s in per_seed.values()) for split in self.reference_splits}
         if self.inception_score:
@@ -231,15 +247,16 @@ class FID(L.Callback):
         trained_steps = pl_module.block_steps
         results = dict(
             stage=stage, trained_steps=trained_steps, num_samples=self.num_samples, seeds=self.seeds,
-            reference_sizes={split: len(ref.dataset) for split, ref in reference_sets.items()},
+            processes=shard.world_size, reference_sizes={split: len(ref.dataset) for split, ref in reference_sets.items()},
             sampler={k: v for k, v in self.sampler.items() if v is not None} or "module defaults",
             module_sampler_defaults=getattr(pl_module, "sample_defaults", None),
             feature_extractor=extractor.identity, metrics=metrics,
             per_seed={str(k): v for k, v in per_seed.items()}, reference_seconds=reference_seconds,
         )
         out = run_dir(trainer) / f"fid_{stage}_step{trained_steps}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2))
+        if shard.rank == 0:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=2))
         rank_zero_info(f"FID ({self.num_samples} samples, seeds {self.seeds}): "
                        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"; details in {out}")
         return results
@@ -248,12 +265,7 @@ class FID(L.Callback):
     def _samples_root(self, trainer: L.Trainer) -> Path:
         return Path(self.samples_dir) if self.samples_dir else run_dir(trainer) / "fid_samples"
 
-    def _save_batch(self, trainer, seed, offset, images, labels, saved_images, saved_labels) -> None:
-        if self.save_samples == "npz":
-            saved_images.append(images)
-            if labels is not None:
-                saved_labels.append(labels)
-            return
+    def _save_png(self, trainer, seed: int, offset: int, images: torch.Tensor) -> None:
         from PIL import Image
 
         folder = self._samples_root(trainer) / f"seed{seed}"

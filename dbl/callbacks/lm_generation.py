@@ -18,7 +18,7 @@ Protocol (defaults; every number is an argument):
   and ``num_buckets`` as in mauve-text (5, 'auto');
 - distinct-n (n = 1, 2, 3): distinct n-grams over all n-grams of all continuations (model
   tokens); repetition rate: mean over continuations of the share of repeated 4-grams;
-- tokens/s: generated tokens divided by the wall time of the ``generate`` calls.
+- tokens/s: the tokens one process generated divided by the wall time of its ``generate`` calls.
 
 The defaults name gpt2-large for the judge and featurizer (MDLM-style protocol); offline, point
 them at a local causal LM (``shared/tools/offline_assets.sh`` fetches SmolLM2-135M as GGUF:
@@ -37,11 +37,12 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_only
 from tqdm import tqdm
 
 from dbl.callbacks.paths import run_dir
+from dbl.diffusion.draws import per_sample_generators
 from dbl.errors import UsageError
+from dbl.evaluation.sharding import Shard
 from dbl.hub import from_pretrained
 
 
@@ -152,7 +153,7 @@ def mauve_score(p_features: np.ndarray, q_features: np.ndarray, scaling_factor: 
 class LMGenerationMetrics(L.Callback):
     """At the end of ``dbl test`` (and, with ``every_n_validations``, during training), generate
     continuations of held-out prompts and score them (see the module docstring for the protocol).
-    Runs on global rank 0 only.
+    Several processes share the generation (each scores the whole set, so all log the same numbers).
 
     Args:
         judge: causal LM for generative perplexity (hub id or local directory).
@@ -208,20 +209,30 @@ class LMGenerationMetrics(L.Callback):
         self.last_metrics: dict[str, float] = {}
 
     def generate(self, pl_module, prompts: torch.Tensor, seed: int) -> tuple[torch.Tensor, float]:
-        """Continuations [P * k, continuation_length] (prompt-major) and the seconds spent generating."""
-        gen = torch.Generator().manual_seed(seed)
+        """Continuations [P * k, continuation_length] (prompt-major) and this process's tokens per second
+        of generation. Continuation i is drawn from its own generator, seeded by (seed, i), so the set
+        does not depend on the batch size or the number of processes; under several processes each
+        generates its share of the batches (``dbl.evaluation.sharding``) and all get every continuation."""
         repeated = prompts.repeat_interleave(self.per_prompt, dim=0)
-        outs, seconds = [], 0.0
-        starts = range(0, len(repeated), self.generation_batch_size)
-        for start in tqdm(starts, desc=f"generating continuations, seed {seed}", unit="batch", disable=None):
-            t0 = time.perf_counter()
-            outs.append(pl_module.generate(repeated[start : start + self.generation_batch_size], self.continuation_length,
-                                           generator=gen, **self.sampler).cpu())
-            seconds += time.perf_counter() - t0
-        return torch.cat(outs), seconds
+        shard, size = Shard.current(), self.generation_batch_size
+        outs, seconds, mine = [], 0.0, 0
+        rounds = tqdm(list(shard.rounds(-(-len(repeated) // size))), desc=f"generating continuations, seed {seed}",
+                      unit="round", disable=None if shard.rank == 0 else True)
+        for k in rounds:
+            out = None
+            if k is not None:
+                t0 = time.perf_counter()
+                start, stop = k * size, min((k + 1) * size, len(repeated))
+                out = pl_module.generate(repeated[start:stop], self.continuation_length,
+                                         generator=per_sample_generators(seed, range(start, stop)), **self.sampler).cpu()
+                seconds += time.perf_counter() - t0
+                mine += out.numel()
+            outs.extend(shard.gather(out))
+        return torch.cat(outs), mine / seconds if seconds else float("nan")
 
-    @rank_zero_only  # the evaluation is seeded, so other ranks would only repeat it
     def evaluate(self, trainer: L.Trainer, pl_module, stage: str) -> dict[str, float]:
+        """Every process generates its share and then scores all of it (the same numbers everywhere,
+        so all log them); process 0 writes the files."""
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "generation_examples"):
             raise UsageError("LMGenerationMetrics needs a data module with generation_examples (dbl.data.LM1BDataModule)")
@@ -244,7 +255,7 @@ class LMGenerationMetrics(L.Callback):
         }
         records, per_seed = [], []
         for seed in self.seeds:
-            continuations, seconds = self.generate(pl_module, prompts, seed)
+            continuations, tokens_per_s = self.generate(pl_module, prompts, seed)
             repeated = prompts.repeat_interleave(self.per_prompt, dim=0).tolist()
             texts = continuation_texts(dm, repeated, continuations.tolist())
             context = [t for t in prompt_texts for _ in range(self.per_prompt)]
@@ -254,7 +265,7 @@ class LMGenerationMetrics(L.Callback):
                 "mauve": mauve_score(features, human_features, self.scaling, self.num_buckets, seed),
                 **{f"distinct_{n}": distinct_n(continuations.tolist(), n) for n in (1, 2, 3)},
                 "repetition_rate": repetition_rate(continuations.tolist()),
-                "tokens_per_s": continuations.numel() / seconds,
+                "tokens_per_s": tokens_per_s,  # this process's
             }
             per_seed.append(scores)
             metrics.update({f"{k}_seed{seed}": v for k, v in scores.items()})
@@ -265,9 +276,10 @@ class LMGenerationMetrics(L.Callback):
         metrics.update({k: float(np.mean([s[k] for s in per_seed])) for k in per_seed[0]})
         self.last_metrics = metrics
         for key, value in metrics.items():
-            pl_module.log(f"{stage}/{key}", value, batch_size=1, rank_zero_only=True)
+            pl_module.log(f"{stage}/{key}", value, batch_size=1)
         # named by the model's own training steps (trainer.global_step is 0 in `dbl test`)
-        self._write(trainer, f"{stage}_step{pl_module.block_steps:07d}", metrics, records)
+        if trainer.is_global_zero:
+            self._write(trainer, f"{stage}_step{pl_module.block_steps:07d}", metrics, records)
         return metrics
 
     def _write(self, trainer: L.Trainer, step: str, metrics: dict, records: list[dict]) -> None:

@@ -141,10 +141,8 @@ def chunk_batches(num_chunks: int, has_short_last: bool, batch_size: int) -> lis
 
 
 class ChunkBatches(Dataset):
-    """Batches of chunks as items (``chunk_batches``), ``(ids [n, seq_len], batch index)``: an evaluation
-    loader hands out whole batches, several processes share them batch by batch
-    (``dbl.data.loaders``), and the evaluation's random draws follow the batch index, so the BPC is
-    the same for any number of processes."""
+    """Batches of chunks as items (``chunk_batches``), ``(ids [n, seq_len],)``, so that a short last
+    chunk can be a batch of its own."""
 
     def __init__(self, chunks: Chunks, batch_size: int):
         self.chunks = chunks
@@ -153,8 +151,8 @@ class ChunkBatches(Dataset):
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.stack([self.chunks[i][0] for i in self.batches[index]]), torch.tensor(index)
+    def __getitem__(self, index: int) -> tuple[torch.Tensor]:
+        return (torch.stack([self.chunks[i][0] for i in self.batches[index]]),)
 
 
 class Text8DataModule(L.LightningDataModule):

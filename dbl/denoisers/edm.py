@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from dbl.denoisers.chain import BlockChain
+from dbl.diffusion.draws import Generators
 from dbl.diffusion.partition import NoisePartition
 from dbl.diffusion.preconditioning import edm_scalings
 from dbl.diffusion.samplers import Denoiser, cfg_denoiser, sample, sigma_grid
@@ -76,7 +77,7 @@ class EDMDenoiser(BlockChain):
         cond=None,
         null_cond=None,
         cfg_scale: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> torch.Tensor:
         """Integrate from z = noise * sigmas[0] down ``sigmas``; every step calls the block that owns
         its sigma, so the number of steps never depends on B. With ``null_cond``, guidance at ``cfg_scale``."""

@@ -20,20 +20,22 @@ from __future__ import annotations
 import torch
 
 from dbl.denoisers.edm import EDMDenoiser
+from dbl.diffusion.draws import Generators, multinomial, randn
 from dbl.diffusion.samplers import sample
 from dbl.models.blockwise import BlockwiseNetwork
 from dbl.models.llama import ARInput, KVCache
 
 
-def pick_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+def pick_token(logits: torch.Tensor, temperature: float, generator: Generators) -> torch.Tensor:
     """[N, V] -> [N]: argmax when ``temperature`` is 0, else a sample from softmax(logits / temperature).
 
-    Sampling draws on the CPU so that a CPU ``generator`` gives the same tokens on any device.
+    Sampling draws on the CPU so that a CPU ``generator`` (or one per sample) gives the same tokens
+    on any device.
     """
     if temperature == 0:
         return logits.argmax(-1)
     probs = (logits.float() / temperature).softmax(-1).cpu()
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+    return multinomial(probs, generator).to(logits.device)
 
 
 def _check_prompt(prompt: torch.Tensor) -> None:
@@ -57,7 +59,7 @@ def generate_ar_diffusion(
     sigmas: torch.Tensor,
     solver: str = "euler",
     temperature: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     use_cache: bool = True,
 ) -> torch.Tensor:
     """Continue ``prompt`` [N, p] (p >= 1) by ``num_tokens`` tokens; returns [N, num_tokens].
@@ -88,7 +90,7 @@ def generate_ar_diffusion(
             table = net.token_table()
             return logits.softmax(-1).to(table.dtype) @ table
 
-        noise = torch.randn((n, 1, net.hidden_size), generator=generator).to(device=device, dtype=net.embedding.weight.dtype)
+        noise = randn((n, 1, net.hidden_size), generator).to(device=device, dtype=net.embedding.weight.dtype)
         sample(estimate, noise, sigmas, solver, generator)
         new = pick_token(last_logits[0][:, -1], temperature, generator)
         tokens = torch.cat([tokens, new[:, None]], dim=1)
@@ -104,7 +106,7 @@ def generate_next_token(
     prompt: torch.Tensor,
     num_tokens: int,
     temperature: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     use_cache: bool = True,
 ) -> torch.Tensor:
     """Ordinary autoregressive decoding of an end-to-end next-token model; returns [N, num_tokens]."""

@@ -25,6 +25,7 @@ from typing import Literal, get_args
 
 import torch
 
+from dbl.diffusion.draws import Generators, randn
 from dbl.diffusion.sigma import LogNormal
 from dbl.errors import UsageError
 
@@ -136,12 +137,12 @@ def sample(
     noise: torch.Tensor,
     sigmas: torch.Tensor,
     solver: str = "euler",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> torch.Tensor:
     """Integrate from z = noise * sigmas[0] down the grid ``sigmas`` (descending, ending in 0).
 
     ``generator`` draws the fresh noise of the stochastic solvers (``euler_ancestral``,
-    ``dpmpp_2s_ancestral``), on the CPU so that a seed gives the same samples on any device.
+    ``dpmpp_2s_ancestral``): one generator, or one per sample (``dbl.diffusion.draws``).
     """
     check_solver(solver)
     sigmas = sigmas.to(device=noise.device, dtype=torch.float32)
@@ -154,7 +155,7 @@ def sample(
     solve = getattr(k_diffusion_sampling(), K_DIFFUSION_SOLVERS[solver])
     kwargs = {}
     if solver in STOCHASTIC_SOLVERS:
-        kwargs["noise_sampler"] = lambda sigma, sigma_next: torch.randn(z.shape, generator=generator).to(z)
+        kwargs["noise_sampler"] = lambda sigma, sigma_next: randn(z.shape, generator).to(z)
     # k-diffusion passes sigma * ones(N); every sample of a solver step shares one sigma
     return solve(lambda x, sigma: denoiser(x, sigma[0]), z, sigmas, disable=True, **kwargs)
 

@@ -23,7 +23,9 @@ from tqdm import tqdm
 
 from dbl.data.download import atomic_path
 from dbl.data.images import ReferenceImages, dataset_fingerprint, default_cache_dir, is_writable
+from dbl.data.loaders import BatchShards
 from dbl.errors import MissingDataError, UsageError
+from dbl.evaluation.sharding import Shard
 
 INCEPTION = "inception-v3-compat"
 
@@ -129,28 +131,41 @@ def _read_statistics(path: Path) -> dict[str, np.ndarray]:
 
 
 def reference_statistics(reference: ReferenceImages, extractor: FeatureExtractor, batch_size: int = 256,
-                         cache_dir: Path | None = None, num_workers: int = 0) -> dict[str, np.ndarray]:
+                         cache_dir: Path | None = None, num_workers: int = 0, shard: Shard | None = None) -> dict[str, np.ndarray]:
     """FID statistics of a reference set, computed once and then read from the cache.
 
     The file is written atomically (a temporary file in the cache folder, renamed) and read back
     before the rename, so a cache file is always whole; a damaged one is recomputed and replaced.
     ``num_workers``: DataLoader workers that load the reference images (the data module's).
+    ``shard``: under several processes, each featurises its share of the batches
+    (``dbl.evaluation.sharding``) and every process gets the statistics; process 0 writes the cache.
     """
+    shard = shard or Shard()
     path = stats_cache_path(reference, extractor, cache_dir)
+    stats = None
     if path.exists():
         try:
-            return _read_statistics(path)
+            stats = _read_statistics(path)
         except ValueError as err:
             rank_zero_warn(f"FID statistics cache {path} is damaged ({err}); computing it again")
-    loader = DataLoader(reference.dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    # a progress bar on a terminal only (disable=None), so logs and CI stay clean
-    batches = tqdm(loader, desc=f"FID reference statistics ({reference.description.get('split', '')})",
-                   unit="batch", disable=None)
-    stats = statistics(extractor.features(batches)[extractor.layer])
-    with atomic_path(path, suffix=".npz") as part:
-        np.savez(part, mu=stats["mu"], sigma=stats["sigma"],
-                 description=json.dumps({**reference.description, **extractor.identity}, sort_keys=True))
-        written = _read_statistics(part)
-        if not (np.array_equal(written["mu"], stats["mu"]) and np.array_equal(written["sigma"], stats["sigma"])):
-            raise OSError(f"FID statistics written to {part} read back different")
+    if shard.all(stats is not None):  # all processes read it, or all compute it together
+        return stats
+    dataset = reference.dataset
+    sampler = BatchShards(dataset, batch_size, shard.world_size, shard.rank)
+    batches = iter(DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers))
+    parts = []
+    # a progress bar on a terminal only (disable=None), on one process, so logs and CI stay clean
+    rounds = tqdm(list(shard.rounds(-(-len(dataset) // batch_size))), unit="round", disable=None if shard.rank == 0 else True,
+                  desc=f"FID reference statistics ({reference.description.get('split', '')})")
+    for k in rounds:
+        features = None if k is None else extractor(next(batches))[extractor.layer]
+        parts.extend(shard.gather(features))
+    stats = statistics(torch.cat(parts))
+    if shard.rank == 0:
+        with atomic_path(path, suffix=".npz") as part:
+            np.savez(part, mu=stats["mu"], sigma=stats["sigma"],
+                     description=json.dumps({**reference.description, **extractor.identity}, sort_keys=True))
+            written = _read_statistics(part)
+            if not (np.array_equal(written["mu"], stats["mu"]) and np.array_equal(written["sigma"], stats["sigma"])):
+                raise OSError(f"FID statistics written to {part} read back different")
     return stats

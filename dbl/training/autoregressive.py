@@ -23,6 +23,7 @@ from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 
 from dbl.denoisers.text import generate_ar_diffusion, generate_next_token
+from dbl.diffusion.draws import Generators
 from dbl.errors import UsageError
 from dbl.models.llama import ARInput
 from dbl.training.edm import EDMDiffusionModule
@@ -150,7 +151,7 @@ class ARDiffusionLMModule(_LanguageModel, EDMDiffusionModule):
         self,
         prompt: torch.Tensor,
         num_tokens: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         num_steps: int | None = None,
         solver: str | None = None,
         grid: str | None = None,
@@ -222,7 +223,7 @@ class NextTokenLMModule(_LanguageModel, BlockwiseLightningModule):
         self,
         prompt: torch.Tensor,
         num_tokens: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         temperature: float | None = None,
         use_cache: bool = True,
     ) -> torch.Tensor:

@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import Metric
 
+from dbl.data.loaders import split_batch_index
 from dbl.errors import DivergenceError, UsageError
 from dbl.models.blockwise import BlockwiseNetwork
 from dbl.training import rng
@@ -310,11 +311,13 @@ class BlockwiseLightningModule(L.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} has no example_batch(batch_size, seq_len); the benchmarks need one")
 
     # -- evaluation: one path for validation and test --------------------------------------
+    # evaluation_step gets the batch's index in the whole split, whatever process reads it: the
+    # evaluations seed their draws with it, so their metrics do not depend on the process count
     def validation_step(self, batch, batch_idx: int) -> None:
-        self.evaluation_step(batch, batch_idx, "val")
+        self.evaluation_step(batch, split_batch_index(batch_idx, self._trainer), "val")
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self.evaluation_step(batch, batch_idx, "test")
+        self.evaluation_step(batch, split_batch_index(batch_idx, self._trainer), "test")
 
     def on_validation_epoch_end(self) -> None:
         self.evaluation_epoch_end("val")

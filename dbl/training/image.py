@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from dbl.diffusion.draws import Generators, randn
 from dbl.errors import UsageError
 from dbl.training.checks import first_item
 from dbl.training.edm import EDMDiffusionModule
@@ -107,7 +108,7 @@ class ImageDiffusionModule(EDMDiffusionModule):
         self,
         labels: torch.Tensor | None = None,
         num_samples: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         num_steps: int | None = None,
         solver: str | None = None,
         grid: str | None = None,
@@ -116,13 +117,13 @@ class ImageDiffusionModule(EDMDiffusionModule):
         """Generate images by chaining the blocks from sigma_max down to 0; [N, C, H, W], data scale.
 
         Each solver step calls only the block whose nominal range holds the current sigma.
-        ``num_steps`` and the rest default to the module's ``sample_*`` settings.
+        ``generator``: one CPU generator, or one per sample (``dbl.diffusion.draws``). ``num_steps`` and the rest default to the module's ``sample_*`` settings.
         """
         opts = self.sampler_options(num_steps=num_steps, solver=solver, grid=grid, cfg_scale=cfg_scale)
         n = labels.shape[0] if labels is not None else num_samples
         if n is None:
             raise ValueError("sample() needs labels or num_samples")
-        noise = torch.randn((n, *self.image_shape), generator=generator).to(self.device)
+        noise = randn((n, *self.image_shape), generator).to(self.device)
         sigmas = self.denoiser.sigmas(opts["num_steps"], opts["grid"])
         null = None
         if labels is not None:

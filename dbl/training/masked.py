@@ -135,12 +135,10 @@ class MaskedDiffusionModule(BlockwiseLightningModule):
 
     def evaluation_step(self, batch, batch_idx: int, stage: str) -> None:
         """``<stage>/bpc``: the negative ELBO of every character, in bits per character, and each block's
-        share of it; t and masks seeded by the batch's index in the split (``(ids, index)`` batches, as
-        ``Text8DataModule`` gives, whatever process reads them), else by the loader's batch index."""
+        share of it; t and masks seeded by the batch's index in the split."""
         x = self._ids(batch)
-        index = int(batch[1]) if isinstance(batch, (tuple, list)) and len(batch) > 1 else batch_idx
         with torch.no_grad():
-            terms, times = self.nelbo_terms(x, self._eval_generator(index))
+            terms, times = self.nelbo_terms(x, self._eval_generator(batch_idx))
         length = x.shape[1]
         metrics = self.eval_metrics[stage]
         metrics["bpc"].update(terms.mean(1) * length, x.numel())
