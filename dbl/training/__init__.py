@@ -7,10 +7,10 @@ from dbl.training.image import ImageDiffusionModule
 from dbl.training.masked import MaskedDiffusionModule
 from dbl.training.metrics import BitsPerCharacter, PerBlockMean
 from dbl.training.schedules import BlockSchedule, make_schedule
-from dbl.training.strategies import BlockwiseDDPStrategy
+from dbl.training.strategies import BlockParallelStrategy, BlockwiseDDPStrategy
 
 __all__ = [
-    "ARDiffusionLMModule", "BitsPerCharacter", "BlockLoss", "BlockSchedule", "BlockwiseDDPStrategy", "BlockwiseLightningModule",
+    "ARDiffusionLMModule", "BitsPerCharacter", "BlockLoss", "BlockParallelStrategy", "BlockSchedule", "BlockwiseDDPStrategy", "BlockwiseLightningModule",
     "EDMDiffusionModule", "ImageDiffusionModule", "MaskedDiffusionModule", "NextTokenLMModule", "PerBlockMean",
     "make_schedule",
 ]

@@ -182,11 +182,13 @@ class BlockwiseLightningModule(L.LightningModule):
             # Lightning from the StatefulDataLoader's own state).
             rng.restore(self._restored_rng)
             self._restored_rng = None
-        elif self.trainer.world_size > 1:
+        elif (sharing := self.trainer.distributed_sampler_kwargs or {}).get("num_replicas", 1) > 1:
             # seed_everything gives every process the same seed, so each would draw the same sigmas,
             # noise and label dropout for its own data: offset the seed by rank (as DiT does). The
             # block schedule does not use this generator, so every rank still trains the same block.
-            torch.manual_seed((torch.initial_seed() + self.global_rank) % 2**63)
+            # The rank among the processes that share the data: the global rank under DDP, the rank in
+            # the block's group under BlockParallelStrategy (whose one-process groups draw as one process).
+            torch.manual_seed((torch.initial_seed() + sharing["rank"]) % 2**63)
         # Below: after Lightning restored any checkpoint (and moved all optimizer state to the device).
         if self.offload_inactive:
             optimizers = self.optimizers()

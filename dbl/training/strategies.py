@@ -58,3 +58,209 @@ class BlockwiseDDPStrategy(DDPStrategy):
             for g, averaged in zip(group, flat.split([g.numel() for g in group])):
                 g.copy_(averaged.view_as(g))
             self.bytes_reduced += flat.numel() * flat.element_size()
+
+
+class BlockParallelStrategy(BlockwiseDDPStrategy):
+    """Every block at once, in one job: ``trainer.strategy: {class_path: dbl.training.BlockParallelStrategy}``.
+
+    With B blocks and a world of W = B x D processes, the processes form a ``DeviceMesh`` of shape
+    (B, D) with dimensions ``("block", "data")``: ranks ``b*D .. b*D + D-1`` are group b, which trains
+    block b, and only block b, at every step, with data parallelism inside the group (its D processes
+    split the data as a D-process job does, and average block b's gradients among themselves). So a
+    step of the job is B block steps, one per group, and ``max_steps: N`` gives each block N updates.
+    The module must be a ``dbl`` block-wise module; it keeps its YAML (no ``train_blocks``: the group
+    decides the block). Same options as ``ddp``.
+
+    - ``shared_io: false`` (per-block input/output copies): the groups never talk during training, and
+      group b computes exactly what a D-process job ``train_blocks: [b]`` computes (same data order,
+      same noise: the seed is offset by the rank within the group; with D = 1 no distributed sampler,
+      as in a one-process job), so the job equals the B per-block jobs merged with
+      ``tools/merge_blocks.py``, bit for bit on CPU.
+    - ``shared_io: true``: the shared input/output gradients are averaged over all W processes, and a
+      step clips the gradients by their norm over all blocks and the shared part together (one
+      coefficient everywhere, so the shared weights stay identical on every process); the module's
+      own clipping is then a no-op and its ``grad_norm`` logs show the clipped norm.
+    - Checkpoints hold the whole model with no merge step: before a save, the first process of group
+      b sends block b's weights (and EMA weights), its ``block_updates`` entry, its optimizer and LR
+      scheduler state to rank 0, which writes the file. ``dbl validate|test|predict --ckpt_path`` read
+      it on any number of processes, and a block-parallel fit resumes from it (each process loads
+      the optimizer state of its own block only). A checkpoint asked for after an exception
+      (``OnExceptionCheckpoint``) is not written, because the other groups may not answer then:
+      resume from the last periodic checkpoint.
+    - Before each validation every process receives every block's current weights, so validation
+      (split among all W processes) sees the whole model.
+    - A non-finite step in any group skips (or stops) that step in every group: the groups step in lockstep.
+    """
+
+    strategy_name = "block_parallel"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mesh = None
+        self.block: int | None = None  # the block this process trains
+        self.group_size = 1  # D
+        self._global_clip: float | None = None
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict:
+        # the data is split among the D processes of a group, as in a D-process job of one block
+        return {"num_replicas": self.group_size, "rank": self.global_rank % self.group_size}
+
+    def setup_distributed(self) -> None:
+        # Lightning re-seeds every process here (reset_seed), after the model was built: a one-process
+        # job does not, so keep the random streams where they are, for group b to draw what that job draws
+        from dbl.training import rng
+
+        state = rng.collect()
+        super().setup_distributed()
+        rng.restore(state)
+
+    def setup(self, trainer) -> None:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._setup_groups(trainer)
+        super().setup(trainer)
+
+    def _setup_groups(self, trainer) -> None:
+        import dataclasses
+
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from dbl.errors import UsageError
+
+        module = self.lightning_module
+        if not hasattr(module, "num_blocks") or not hasattr(module, "schedule"):
+            raise UsageError(f"BlockParallelStrategy trains dbl's block-wise modules, not {type(module).__name__}; "
+                             "use strategy ddp for it")
+        blocks, world = module.num_blocks, self.world_size
+        if world % blocks:
+            raise UsageError(f"BlockParallelStrategy needs a multiple of num_blocks ({blocks}) processes, one group per "
+                             f"block, got {world}; set trainer.devices (times trainer.num_nodes) to {blocks} x D")
+        if module.hparams.get("train_blocks") is not None:
+            raise UsageError(f"train_blocks {list(module.hparams['train_blocks'])} and BlockParallelStrategy both choose "
+                             "the blocks to train (the strategy trains every block, one per process group); drop "
+                             "model.init_args.train_blocks, or train one block per job without this strategy")
+        self.group_size = world // blocks
+        self.block = self.global_rank // self.group_size
+        self.mesh = init_device_mesh(self.root_device.type, (blocks, self.group_size), mesh_dim_names=("block", "data"))
+        # this process's group trains its block only (its schedule: block b at every step)
+        module.schedule = dataclasses.replace(module.schedule, blocks=(self.block,))
+        if self.group_size == 1:
+            # a one-process group reads the data as a one-process job does: no distributed sampler
+            trainer._accelerator_connector.use_distributed_sampler = False
+        if module.network.shared_io and module.gradient_clip_val is not None:
+            self._global_clip, module.gradient_clip_val = module.gradient_clip_val, None
+
+    # -- gradients ---------------------------------------------------------------------------
+    def _average(self, grads: list[torch.Tensor], group, size: int) -> None:
+        for dtype in sorted({g.dtype for g in grads}, key=str):  # one flat buffer per dtype
+            same = [g for g in grads if g.dtype == dtype]
+            flat = torch.cat([g.reshape(-1) for g in same])
+            dist.all_reduce(flat, group=group)
+            flat /= size
+            for g, averaged in zip(same, flat.split([g.numel() for g in same])):
+                g.copy_(averaged.view_as(g))
+            self.bytes_reduced += flat.numel() * flat.element_size()
+
+    def post_backward(self, closure_loss: torch.Tensor) -> None:
+        if self.mesh is None:  # not fitting
+            return super().post_backward(closure_loss)
+        if not self._reduce_after_backward:
+            return
+        module = self.lightning_module
+        shared_ids = {id(p) for p in module.network.shared_parameters()}
+        block_grads = [p.grad for p in module.parameters() if p.grad is not None and id(p) not in shared_ids]
+        shared_grads = [p.grad for p in module.network.shared_parameters() if p.grad is not None]
+        if self.group_size > 1 and block_grads:
+            self._average(block_grads, self.mesh.get_group("data"), self.group_size)
+        if shared_grads:
+            self._average(shared_grads, None, self.world_size)
+        if self._global_clip is not None:
+            # one clipping coefficient for the whole step: norm over every group's block and the shared part
+            block_sq = torch.stack([g.float().pow(2).sum() for g in block_grads]).sum() if block_grads else torch.zeros(())
+            block_sq = block_sq.to(self.root_device)
+            dist.all_reduce(block_sq, group=self.mesh.get_group("block"))
+            shared_sq = sum(g.float().pow(2).sum() for g in shared_grads) if shared_grads else 0.0
+            total = (block_sq + shared_sq).sqrt()
+            coef = (self._global_clip / (total + 1e-6)).clamp(max=1.0)
+            for g in block_grads + shared_grads:
+                g.mul_(coef.to(g.dtype))
+
+    # -- the whole model, on every process or in the checkpoint ------------------------------
+    def _block_keys(self) -> list[list[str]]:
+        from dbl.training.checkpoints import block_state_keys
+
+        return block_state_keys(self.lightning_module)
+
+    def _broadcast_tensors(self, tensors: list[torch.Tensor], group, group_src: int) -> list[torch.Tensor]:
+        """``tensors`` as the ``group_src`` process of ``group`` holds them (new tensors, one flat message per dtype)."""
+        out: list[torch.Tensor | None] = [None] * len(tensors)
+        for dtype in sorted({t.dtype for t in tensors}, key=str):
+            index = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+            flat = torch.cat([tensors[i].detach().reshape(-1).to(self.root_device) for i in index])
+            dist.broadcast(flat, group=group, group_src=group_src)
+            for i, piece in zip(index, flat.split([tensors[i].numel() for i in index])):
+                out[i] = piece.view_as(tensors[i]).to(tensors[i].device).clone()
+        return out
+
+    def on_validation_start(self) -> None:
+        # every process evaluates the whole model: give each one every block's current weights
+        if self.mesh is None:
+            return
+        module, keys = self.lightning_module, self._block_keys()
+        named = dict(module.named_parameters())
+        world = dist.group.WORLD
+        for block, names in enumerate(keys):
+            src = block * self.group_size
+            params = [named[n] for n in names]
+            received = self._broadcast_tensors([p.data for p in params], world, src)
+            if self.block != block:
+                with torch.no_grad():
+                    for p, value in zip(params, received):
+                        p.copy_(value)
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        if self.mesh is not None:
+            if self.lightning_module.trainer.interrupted:
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(f"dbl: BlockParallelStrategy does not write {filepath} after an interruption: the other "
+                               "groups' blocks cannot be gathered now; resume from the last periodic checkpoint")
+                return
+            self._gather_blocks(checkpoint)
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def _gather_blocks(self, checkpoint: dict) -> None:
+        """Give ``checkpoint`` (on rank 0, which writes it) block b's state from group b's first process."""
+        if self.global_rank % self.group_size:
+            return  # only the first process of each group takes part: they form one "block" group
+        leaders = self.mesh.get_group("block")
+        states = [s for s in (checkpoint.get("state_dict"), checkpoint.get("current_model_state")) if s is not None]
+        for state in states:
+            state["block_updates"] = state["block_updates"].clone()
+        for block, keys in enumerate(self._block_keys()):
+            slots = [(state, key) for state in states for key in keys]
+            received = self._broadcast_tensors([state[key] for state, key in slots] +
+                                               [state["block_updates"][block] for state in states], leaders, block)
+            for (state, key), value in zip(slots, received):
+                state[key] = value
+            for state, value in zip(states, received[len(slots):]):
+                state["block_updates"][block] = value
+            for entry in ("optimizer_states", "lr_schedulers"):
+                if len(checkpoint.get(entry) or []) > block:
+                    obj = [checkpoint[entry][block]]
+                    dist.broadcast_object_list(obj, group=leaders, group_src=block)
+                    checkpoint[entry][block] = obj[0]
+
+    def load_optimizer_state_dict(self, checkpoint) -> None:
+        """Resuming: each process loads its own block's optimizer state and the shared one, not the others'."""
+        if self.block is None:
+            return super().load_optimizer_state_dict(checkpoint)
+        from lightning.fabric.utilities.optimizer import _optimizer_to_device
+
+        blocks = self.lightning_module.num_blocks
+        for index, (optimizer, state) in enumerate(zip(self.optimizers, checkpoint["optimizer_states"])):
+            if index == self.block or index >= blocks:
+                optimizer.load_state_dict(state)
+                _optimizer_to_device(optimizer, self.root_device)
