@@ -13,17 +13,21 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
 
 
-def write_config(tmp_path: Path, name: str, devices: int, strategy, ckpt_dir: Path | None) -> Path:
+def write_config(tmp_path: Path, name: str, devices: int, strategy, ckpt_dir: Path | None, shared_io: bool = False,
+                 callbacks: list | None = None, **trainer) -> Path:
     config = yaml.safe_load((ROOT / "experiments" / "quickstart.yaml").read_text())
     model = config["model"]["init_args"]
     model["network"]["init_args"].update(hidden_size=32, num_heads=2)
-    model["shared_io"] = False
+    model["shared_io"] = shared_io
     config["data"]["init_args"]["batch_size"] = 32
-    callbacks = [] if ckpt_dir is None else [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                              "init_args": {"dirpath": str(ckpt_dir), "every_n_train_steps": STEPS}}]
+    callbacks = list(callbacks or [])
+    if ckpt_dir is not None:  # every STEPS steps, all of them kept
+        callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                          "init_args": {"dirpath": str(ckpt_dir), "every_n_train_steps": STEPS, "save_top_k": -1}})
     config["trainer"] = {
         "accelerator": "cpu", "devices": devices, "strategy": strategy, "max_steps": STEPS,
-        "limit_val_batches": 1, "logger": False, "enable_progress_bar": False, "callbacks": callbacks,
+        "limit_val_batches": 1, "num_sanity_val_steps": 0, "logger": False, "enable_progress_bar": False,
+        "callbacks": callbacks, **trainer,
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -73,3 +77,47 @@ def test_block_parallel_needs_a_multiple_of_num_blocks_processes(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("dbl:")]
     assert lines and "needs a multiple of num_blocks (3) processes" in lines[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+BLOCK_PARALLEL = {"class_path": "dbl.training.BlockParallelStrategy"}
+
+
+def test_block_parallel_job_resumes_as_if_uninterrupted(tmp_path):
+    """Every block's optimizer and scheduler state reach the checkpoint, so a block-parallel fit resumed
+    at step STEPS ends where the whole run ends."""
+    whole = write_config(tmp_path, "whole", 3, BLOCK_PARALLEL, tmp_path / "whole", max_steps=2 * STEPS)
+    fit(whole, tmp_path)
+    half = tmp_path / "whole" / f"epoch=0-step={STEPS}.ckpt"
+    resumed = write_config(tmp_path, "resumed", 3, BLOCK_PARALLEL, tmp_path / "resumed", max_steps=2 * STEPS)
+    fit(resumed, tmp_path, "--ckpt_path", str(half))
+    assert not (tmp_path / "resumed" / half.name).exists()  # it resumed at step STEPS, not from scratch
+    name = f"epoch=0-step={2 * STEPS}.ckpt"
+    a = torch.load(tmp_path / "whole" / name, weights_only=True)
+    b = torch.load(tmp_path / "resumed" / name, weights_only=True)
+    assert a["state_dict"]["block_updates"].tolist() == [2 * STEPS] * 3
+    different = [key for key in a["state_dict"] if not torch.equal(a["state_dict"][key], b["state_dict"][key])]
+    assert not different, f"{len(different)} of {len(a['state_dict'])} entries differ, e.g. {different[:3]}"
+    # and the optimizer state of every block (Adam's moments), not only rank 0's block
+    assert all(len(state["state"]) > 0 for state in a["optimizer_states"])
+
+
+def test_block_parallel_shared_io_keeps_every_process_identical(tmp_path):
+    """shared_io: true: the shared input/output layers get the gradients of all processes and one clipping
+    coefficient, so they stay identical everywhere; validation gives every process every block."""
+    config = write_config(tmp_path, "shared", 3, BLOCK_PARALLEL, tmp_path / "shared", shared_io=True,
+                          val_check_interval=STEPS, check_val_every_n_epoch=None,  # validate after the last step
+                          callbacks=[{"class_path": "ddp_probe.RecordState", "init_args": {"out_dir": str(tmp_path / "ranks")}}])
+    # every step clipped, and blocks that move fast enough for their gradients to weigh in the norm
+    fit(config, tmp_path, "--model.init_args.gradient_clip_val", "0.001", "--model.init_args.optimizer.init_args.lr", "0.05",
+        "--model.init_args.lr_scheduler", "null")
+    ranks = [torch.load(tmp_path / "ranks" / f"rank{r}.pt", weights_only=True)["state"] for r in range(3)]
+    (ckpt,) = (tmp_path / "shared").glob("*.ckpt")
+    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert saved["block_updates"].tolist() == [STEPS] * 3
+    for r in range(3):
+        assert ranks[r]["block_updates"].tolist() == [STEPS if b == r else 0 for b in range(3)]
+    different = [(r, key) for r in (1, 2) for key in ranks[0]
+                 if key != "block_updates" and not torch.equal(ranks[0][key], ranks[r][key])]
+    assert not different, f"{len(different)} entries differ between processes, e.g. {different[:3]}"
+    different = [key for key in saved if key != "block_updates" and not torch.equal(saved[key], ranks[0][key])]
+    assert not different, f"the checkpoint differs from the processes' model, e.g. {different[:3]}"
