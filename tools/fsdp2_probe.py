@@ -150,9 +150,13 @@ def main() -> None:
     if args._fit:
         return lightning_fit(*args._fit)
     if not args.lightning:
+        import socket
+
         import torch.multiprocessing as mp
 
-        port = 29500 + os.getpid() % 1000
+        with socket.socket() as sock:  # a free port for the two processes to meet on
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
         return mp.spawn(torch_level, args=(2, port, args.optimizer), nprocs=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
