@@ -1,4 +1,7 @@
-"""The text of ``dbl info``: blocks, noise ranges, parameters and estimated training memory."""
+"""The text of ``dbl info``: blocks, noise ranges, parameters and estimated training memory.
+
+It needs neither the data nor trained weights: activations are measured on a random batch of the
+data's shape (``example_batch``), so it runs on a machine that has neither."""
 
 from __future__ import annotations
 
@@ -20,9 +23,13 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _first_batch(datamodule: L.LightningDataModule):
-    datamodule.setup("fit")
-    return datamodule.on_after_batch_transfer(next(iter(datamodule.train_dataloader())), 0)
+def _example_batch(module, datamodule: L.LightningDataModule):
+    """A random batch shaped like the data module's training batches (its ``batch_size`` and, for
+    text, ``seq_len``), from the module's ``example_batch``: no data is read or downloaded."""
+    hp = getattr(datamodule, "hparams", {})
+    if not hp.get("batch_size"):
+        return None
+    return module.example_batch(hp["batch_size"], hp.get("seq_len"))
 
 
 def describe(module, datamodule: L.LightningDataModule | None) -> str:
@@ -44,10 +51,10 @@ def describe(module, datamodule: L.LightningDataModule | None) -> str:
     rows.append(["shared", "-", "-", "-", f"{count(net.shared_parameters()):,}"])
     rows.append(["total", "", "", "", f"{count(module.parameters()):,}"])
     out += [_table(rows), ""]
-    if datamodule is None:
-        out.append("(no data configured: memory estimate skipped)")
+    batch = None if datamodule is None else _example_batch(module, datamodule)
+    if batch is None:
+        out.append("(no data module with a batch_size configured: memory estimate skipped)")
         return "\n".join(out)
-    batch = _first_batch(datamodule)
     batch_size = len(batch[0])
     small = type(batch)(t[:PROFILE_BATCH] if hasattr(t, "shape") else t for t in batch)
     profile = profile_activations(module, small, min(PROFILE_BATCH, batch_size))

@@ -57,6 +57,17 @@ def test_info_prints_blocks_and_memory(capsys):
         assert any(line.startswith(mode) for line in out.splitlines())
 
 
+def test_info_needs_no_data(tmp_path, monkeypatch, capsys):
+    """The CIFAR-10 YAML on a machine without CIFAR-10: the memory table from a random batch of the
+    data's shape (batch 512), and nothing downloaded or written."""
+    monkeypatch.chdir(tmp_path)
+    main(["info", "--config", str(ROOT / "experiments" / "cifar10_dit_s2_b3.yaml")])
+    out = capsys.readouterr().out
+    assert "Estimated memory of one training step, batch 512" in out
+    assert any(line.startswith("block-wise, offloaded") for line in out.splitlines())
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_print_config_roundtrip(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", QUICKSTART, "--print_config"])
