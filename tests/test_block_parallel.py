@@ -1,8 +1,7 @@
 """Block-parallel training in one job (dbl.training.BlockParallelStrategy), with CPU processes (gloo)
 launched as a user would: `dbl fit`. Its checkpoint must equal the per-block jobs merged."""
 
-import subprocess
-import sys
+import runpy
 from pathlib import Path
 
 import torch
@@ -39,6 +38,17 @@ def fit(config: Path, cwd: Path, *overrides: str) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def assert_equal_to_merged(parallel_ckpt: Path, config: Path, jobs: list[Path], merged_path: Path, blocks: int) -> None:
+    merge_blocks = runpy.run_path(str(ROOT / "tools" / "merge_blocks.py"))["main"]
+    merge_blocks(["--config", str(config), *map(str, jobs), "--out", str(merged_path)])
+    state = torch.load(parallel_ckpt, weights_only=True)["state_dict"]
+    merged = torch.load(merged_path, weights_only=True)["state_dict"]
+    assert state["block_updates"].tolist() == [STEPS] * blocks
+    assert set(state) == set(merged)
+    different = [key for key in merged if not torch.equal(state[key], merged[key])]
+    assert not different, f"{len(different)} of {len(merged)} entries differ, e.g. {different[:3]}"
+
+
 def test_block_parallel_job_equals_merged_per_block_jobs(tmp_path):
     parallel = write_config(tmp_path, "parallel", 3, {"class_path": "dbl.training.BlockParallelStrategy"},
                             tmp_path / "parallel")
@@ -51,17 +61,7 @@ def test_block_parallel_job_equals_merged_per_block_jobs(tmp_path):
         fit(single, tmp_path, "--model.init_args.train_blocks", f"[{b}]")
         jobs.extend((tmp_path / f"job{b}").glob("*.ckpt"))
     assert len(jobs) == 3
-    merged_path = tmp_path / "merged.ckpt"
-    merge = subprocess.run([sys.executable, str(ROOT / "tools" / "merge_blocks.py"), "--config", str(single),
-                            *map(str, jobs), "--out", str(merged_path)], cwd=tmp_path, capture_output=True, text=True)
-    assert merge.returncode == 0, merge.stderr[-3000:]
-
-    state = torch.load(parallel_ckpt, weights_only=True)["state_dict"]
-    merged = torch.load(merged_path, weights_only=True)["state_dict"]
-    assert state["block_updates"].tolist() == [STEPS] * 3
-    assert set(state) == set(merged)
-    different = [key for key in merged if not torch.equal(state[key], merged[key])]
-    assert not different, f"{len(different)} of {len(merged)} entries differ, e.g. {different[:3]}"
+    assert_equal_to_merged(parallel_ckpt, single, jobs, tmp_path / "merged.ckpt", 3)
 
     # the block-parallel checkpoint is a whole model: one process validates it, every block
     proc = run_dbl(["validate", "--config", str(single), "--ckpt_path", str(parallel_ckpt),
@@ -80,6 +80,22 @@ def test_block_parallel_needs_a_multiple_of_num_blocks_processes(tmp_path):
 
 
 BLOCK_PARALLEL = {"class_path": "dbl.training.BlockParallelStrategy"}
+
+
+def test_block_parallel_groups_of_two_equal_two_process_per_block_jobs(tmp_path):
+    """B = 2 groups of D = 2 processes: group b computes what a two-process job of block b computes
+    (the data split in two, the seed offset by the rank in the group, gradients averaged in the group)."""
+    two_blocks = ["--model.init_args.num_blocks", "2"]
+    parallel = write_config(tmp_path, "parallel", 4, BLOCK_PARALLEL, tmp_path / "parallel")
+    fit(parallel, tmp_path, *two_blocks)
+    (parallel_ckpt,) = (tmp_path / "parallel").glob("*.ckpt")
+    jobs = []
+    for b in range(2):  # the per-block jobs: data parallel on two processes, no DDP wrapper (same averaging)
+        job = write_config(tmp_path, f"job{b}", 2, {"class_path": "dbl.training.BlockwiseDDPStrategy"}, tmp_path / f"job{b}")
+        fit(job, tmp_path, *two_blocks, "--model.init_args.train_blocks", f"[{b}]")
+        jobs.extend((tmp_path / f"job{b}").glob("*.ckpt"))
+    assert len(jobs) == 2
+    assert_equal_to_merged(parallel_ckpt, job, jobs, tmp_path / "merged.ckpt", 2)
 
 
 def test_block_parallel_job_resumes_as_if_uninterrupted(tmp_path):

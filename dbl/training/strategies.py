@@ -107,13 +107,16 @@ class BlockParallelStrategy(BlockwiseDDPStrategy):
         return {"num_replicas": self.group_size, "rank": self.global_rank % self.group_size}
 
     def setup_distributed(self) -> None:
-        # Lightning re-seeds every process here (reset_seed), after the model was built: a one-process
-        # job does not, so keep the random streams where they are, for group b to draw what that job draws
+        # Lightning's DDP re-seeds every process here (reset_seed), after the model was built; a
+        # one-process job does not. A group does what the job it stands for does: with D = 1 keep the
+        # random streams where they are (the data order of an unseeded shuffle is drawn from them).
         from dbl.training import rng
 
         state = rng.collect()
         super().setup_distributed()
-        rng.restore(state)
+        blocks = getattr(self.lightning_module, "num_blocks", 0)
+        if blocks and self.world_size == blocks:
+            rng.restore(state)
 
     def setup(self, trainer) -> None:
         from lightning.pytorch.trainer.states import TrainerFn
