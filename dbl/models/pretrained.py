@@ -1,0 +1,239 @@
+"""A pretrained Hugging Face causal LM as dbl's text network: a drop-in for ``dbl.models.Llama``.
+
+Supported: models whose decoder layers form a list, ``model.model.layers`` (Llama, Qwen2, Mistral,
+SmolLM2: rotary positions) or ``model.transformer.h`` (GPT-2: learned positions). The wrapper keeps
+the model's own parts (token embedding, positions, decoder layers, final norm, ``lm_head``) and
+runs them on the sequence ``[noisy rows ; clean rows]`` of ``dbl.models.llama`` with the same
+``ar_diffusion_mask``, ``ARInput`` and ``KVCache``, so ``ARDiffusionLMModule`` and
+``NextTokenLMModule`` take it unchanged.
+
+Clean rows go through exactly the pretrained computation: with no noisy rows the output is the
+original model's next-token logits. Noisy rows get new parameters only, all of them initialised
+so that the pretrained function is intact at the start:
+
+- ``noisy_in``: diffusion space -> hidden space, the identity times the embedding entries' RMS
+  (a noisy row enters the layers at a token embedding's scale and, at low noise, in its direction);
+- per layer, adaLN-Zero style (shift, scale, gate) from the noise embedding, zero-initialised:
+  the noisy rows are modulated before the pretrained layer and its update is gated by 1 + gate,
+  so at the start every layer treats a noisy row exactly as it would a token embedding;
+- ``out``: final-norm output -> F in the diffusion space, zero-initialised (DiT's zero final
+  layer): the first denoised estimate is D = c_skip z.
+
+Known limits: sliding-window attention (some Mistral/Qwen2 configs) is not applied (the explicit
+mask is full causal); logit soft-capping or scaled embeddings of other families are not handled.
+Block-wise, every block's clean stream starts again from the token embeddings (the protocol:
+``embed`` is shared), so for block b > 0 the clean rows are not the pretrained model's states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dbl.errors import UsageError
+from dbl.hub import from_pretrained
+from dbl.models.layers import NoiseEmbedder, modulate, sinusoidal_embedding
+from dbl.models.llama import ARInput, KVCache, ar_diffusion_mask
+
+
+@dataclass
+class PretrainedContext:
+    """What the layers read. Rows ``[0, num_noisy)`` of h are noisy, the rest clean."""
+
+    noisy_cond: torch.Tensor | None  # [N, D] noise embedding; None without noisy rows
+    num_noisy: int
+    layer_kwargs: dict  # the HF layer's keyword arguments: 4D mask, and RoPE tables where used
+    cache: KVCache | None = None
+    store: bool = False
+
+
+class _CacheView:
+    """The one method an HF attention calls on its cache, ``update``, backed by dbl's ``KVCache``.
+
+    HF caches always append; dbl's must not store noisy rows (they change at every solver step),
+    so this view returns [past ; new] and stores only the clean rows when asked to.
+    """
+
+    def __init__(self, cache: KVCache, layer: nn.Module, num_noisy: int, store: bool):
+        self.cache, self.layer, self.num_noisy, self.store = cache, layer, num_noisy, store
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, *args, **kwargs):
+        past = self.cache.get(self.layer)
+        if self.store:
+            self.cache.append(self.layer, keys[:, :, self.num_noisy:], values[:, :, self.num_noisy:])
+        if past is None:
+            return keys, values
+        return torch.cat([past[0], keys], dim=2), torch.cat([past[1], values], dim=2)
+
+
+class PretrainedLayer(nn.Module):
+    """One pretrained decoder layer; the noisy rows are modulated by their noise level around it."""
+
+    def __init__(self, layer: nn.Module, hidden_size: int):
+        super().__init__()
+        self.layer = layer
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 3 * hidden_size))
+        nn.init.zeros_(self.modulation[1].weight)
+        nn.init.zeros_(self.modulation[1].bias)
+
+    def forward(self, h: torch.Tensor, c: PretrainedContext) -> torch.Tensor:
+        n = c.num_noisy
+        if n:
+            shift, scale, gate = self.modulation(c.noisy_cond).chunk(3, dim=-1)
+            h = torch.cat([modulate(h[:, :n], shift, scale), h[:, n:]], dim=1)
+        cache = _CacheView(c.cache, self, n, c.store) if c.cache is not None else None
+        out = self.layer(h, cache=cache, **c.layer_kwargs)
+        out = out[0] if isinstance(out, tuple) else out  # older transformers return tuples
+        if n:
+            noisy = h[:, :n] + (1 + gate.unsqueeze(1)) * (out[:, :n] - h[:, :n])
+            out = torch.cat([noisy, out[:, n:]], dim=1)
+        return out
+
+
+def decoder_parts(model: nn.Module) -> dict:
+    """The pieces of a causal LM the wrapper runs, or a one-line ``UsageError`` naming its class."""
+    base = getattr(model, "model", None)
+    if isinstance(getattr(base, "layers", None), nn.ModuleList) and hasattr(base, "rotary_emb"):
+        return dict(embed=base.embed_tokens, layers=base.layers, norm=base.norm, rotary=base.rotary_emb,
+                    wpe=None, drop=None)
+    base = getattr(model, "transformer", None)
+    if isinstance(getattr(base, "h", None), nn.ModuleList) and hasattr(base, "wpe"):
+        return dict(embed=base.wte, layers=base.h, norm=base.ln_f, rotary=None, wpe=base.wpe, drop=base.drop)
+    raise UsageError(
+        f"{type(model).__name__} is not supported by PretrainedCausalLM: its decoder layers are neither "
+        "model.model.layers (Llama, Qwen2, Mistral, SmolLM2) nor model.transformer.h (GPT-2)"
+    )
+
+
+class PretrainedCausalLM(nn.Module):
+    """A Hugging Face causal LM with dbl's block-wise interface (``layers``, ``embed``, ``head``).
+
+    Args:
+        name_or_path: a local directory or a hub id.
+        gguf_file: a GGUF file in that directory/repo (needs the ``gguf`` package).
+        dtype: the weights' dtype, e.g. ``float32``, ``bfloat16``.
+        attn_implementation: ``sdpa`` or ``eager`` (both honour the explicit mask).
+        frequency_dim: sinusoidal features of the noise embedder.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str,
+        gguf_file: str | None = None,
+        dtype: str = "float32",
+        attn_implementation: str = "sdpa",
+        frequency_dim: int = 256,
+    ):
+        super().__init__()
+        torch_dtype = getattr(torch, dtype, None)
+        if not isinstance(torch_dtype, torch.dtype):
+            raise UsageError(f"dtype must name a torch dtype (float32, bfloat16, float16), got {dtype!r}")
+        from transformers import AutoModelForCausalLM
+
+        kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation)
+        if gguf_file is not None:
+            kwargs["gguf_file"] = gguf_file
+        try:  # dbl.hub turns a missing file into one line; transformers says "no model here" with a ValueError
+            model = from_pretrained(AutoModelForCausalLM.from_pretrained, name_or_path, "causal LM", **kwargs)
+        except UsageError:
+            raise
+        except ValueError as err:
+            raise UsageError(f"cannot load causal LM {name_or_path!r} ({str(err).splitlines()[0]}); "
+                                 "give a directory written by save_pretrained or a hub id") from None
+        parts = decoder_parts(model)
+        self.config = model.config  # a plain attribute: the HF model object itself is not kept
+        # Registered one by one (not the HF model whole): the layers must live only under `layers`,
+        # or BlockwiseNetwork would count them among the shared input/output parameters.
+        self.embedding, self.norm, self.lm_head = parts["embed"], parts["norm"], model.get_output_embeddings()
+        self.rotary_emb, self.wpe, self.drop = parts["rotary"], parts["wpe"], parts["drop"]
+        self.vocab_size, self.hidden_size = self.embedding.num_embeddings, self.embedding.embedding_dim
+        d = self.hidden_size
+        self.layers = nn.ModuleList(PretrainedLayer(layer, d) for layer in parts["layers"])
+        self.noise_embedder = NoiseEmbedder(d, frequency_dim)
+        self.noisy_in = nn.Linear(d, d)
+        self.out = nn.Linear(d, d)
+        with torch.no_grad():
+            rms = self.embedding.weight.float().pow(2).mean().sqrt()
+            self.noisy_in.weight.copy_(torch.eye(d) * rms)
+            self.noisy_in.bias.zero_()
+            self.out.weight.zero_()
+            self.out.bias.zero_()
+        for module in (self.noise_embedder, self.noisy_in, self.out, *(layer.modulation for layer in self.layers)):
+            module.to(torch_dtype)
+        self.train()  # from_pretrained leaves its modules in eval mode; a new nn.Module starts in train mode
+
+    # -- the token table (the diffusion's targets) -----------------------------------------------
+    def token_table(self) -> torch.Tensor:
+        """[V, D] the L2-normalised rows of the input embedding (tied or not)."""
+        return F.normalize(self.embedding.weight, dim=-1)
+
+    def token_vectors(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.embedding(tokens), dim=-1)
+
+    def denoised_logits(self, denoised: torch.Tensor) -> torch.Tensor:
+        """Logits of a denoised estimate D (rows of norm <= 1) through the pretrained ``lm_head``.
+
+        The head was trained on the final norm's output, whose norm is about ||gamma|| (its weight:
+        gamma * x / rms(x)). D is scaled by that scalar, not by gamma elementwise, to keep its
+        direction: with a tied head the logits are then ||gamma|| ||e_j|| cos(e_j, D), peaked at
+        the token D points to. The scale is detached: the CE must not retune the pretrained norm
+        as a temperature. The norm's bias (GPT-2) is left out: it adds an offset independent of D.
+        For an untied head lm_head(e_k) need not peak at k; the (trainable, shared) head must learn it.
+        """
+        gamma = getattr(self.norm, "weight", None)
+        scale = gamma.detach().float().norm().to(denoised.dtype) if gamma is not None else self.hidden_size**0.5
+        return self.lm_head(denoised * scale)
+
+    # -- block-wise interface ----------------------------------------------------------------
+    def embed(
+        self, x: torch.Tensor | None, c_noise: torch.Tensor | None, cond: ARInput
+    ) -> tuple[torch.Tensor, PretrainedContext]:
+        """h = [noisy rows ; clean rows] and the context; the same contract as ``Llama.embed``."""
+        rows, positions, noisy = [], [], []
+        past = cond.cache.length if cond.cache is not None else 0
+        device = self.embedding.weight.device
+        if x is not None:
+            if c_noise is None:
+                raise ValueError("noisy rows need c_noise")
+            rows.append(self.noisy_in(x.to(self.noisy_in.weight.dtype)))
+            positions.append(torch.arange(x.shape[1], device=device) + cond.noisy_start)
+            noisy.append(torch.ones(x.shape[1], dtype=torch.bool, device=device))
+        if cond.tokens is not None and cond.tokens.shape[1]:
+            m = cond.tokens.shape[1]
+            rows.append(self.embedding(cond.tokens))  # the model's own, unnormalised embedding
+            positions.append(torch.arange(m, device=device) + past)
+            noisy.append(torch.zeros(m, dtype=torch.bool, device=device))
+        if not rows:
+            raise ValueError("embed needs noisy rows or clean tokens")
+        if cond.store and x is not None:
+            raise ValueError("only clean rows can be stored in the cache; call with x=None to extend the prefix")
+        h, q_pos, q_noisy = torch.cat(rows, dim=1), torch.cat(positions), torch.cat(noisy)
+        if self.wpe is not None:  # GPT-2: learned positions added to the input, then its dropout
+            h = self.drop(h + self.wpe(q_pos))
+        if cond.store and cond.cache is not None:
+            cond.cache.length += h.shape[1]
+        k_pos = torch.cat([torch.arange(past, device=device), q_pos])
+        k_noisy = torch.cat([torch.zeros(past, dtype=torch.bool, device=device), q_noisy])
+        allowed = ar_diffusion_mask(q_pos, q_noisy, k_pos, k_noisy)
+        # additive float mask [1, 1, S, P + S]: eager attention adds it, sdpa takes it as given
+        mask = torch.zeros(allowed.shape, dtype=h.dtype, device=device).masked_fill(~allowed, torch.finfo(h.dtype).min)
+        layer_kwargs = {"attention_mask": mask[None, None]}
+        if self.rotary_emb is not None:
+            layer_kwargs["position_ids"] = q_pos[None]
+            layer_kwargs["position_embeddings"] = self.rotary_emb(h, q_pos[None])
+        noisy_cond = None
+        if x is not None:  # sinusoidal features are float32; match the model's dtype
+            features = sinusoidal_embedding(c_noise, self.noise_embedder.frequency_dim).to(h.dtype)
+            noisy_cond = self.noise_embedder.mlp(features)
+        n = x.shape[1] if x is not None else 0
+        return h, PretrainedContext(noisy_cond, n, layer_kwargs, cond.cache, cond.store)
+
+    def head(self, h: torch.Tensor, c: PretrainedContext) -> torch.Tensor:
+        """Noisy rows present: their raw output F [N, n, D] (diffusion space). Otherwise: the
+        pretrained next-token logits [N, m, V] of the clean rows."""
+        if c.num_noisy:
+            return self.out(self.norm(h[:, : c.num_noisy]))
+        return self.lm_head(self.norm(h))
