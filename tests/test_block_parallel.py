@@ -2,14 +2,18 @@
 launched as a user would: `dbl fit`. Its checkpoint must equal the per-block jobs merged."""
 
 import runpy
+import sys
 from pathlib import Path
+from unittest.mock import patch
 
+import pytest
 import torch
 import yaml
 from faults import run_dbl
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
+BLOCK_PARALLEL = {"class_path": "dbl.training.BlockParallelStrategy"}
 
 
 def write_config(tmp_path: Path, name: str, devices: int, strategy, ckpt_dir: Path | None, shared_io: bool = False,
@@ -39,8 +43,9 @@ def fit(config: Path, cwd: Path, *overrides: str) -> None:
 
 
 def assert_equal_to_merged(parallel_ckpt: Path, config: Path, jobs: list[Path], merged_path: Path, blocks: int) -> None:
-    merge_blocks = runpy.run_path(str(ROOT / "tools" / "merge_blocks.py"))["main"]
-    merge_blocks(["--config", str(config), *map(str, jobs), "--out", str(merged_path)])
+    tool = str(ROOT / "tools" / "merge_blocks.py")
+    with patch.object(sys, "argv", [tool]):  # as run from the shell (not with pytest's arguments)
+        runpy.run_path(tool)["main"](["--config", str(config), *map(str, jobs), "--out", str(merged_path)])
     state = torch.load(parallel_ckpt, weights_only=True)["state_dict"]
     merged = torch.load(merged_path, weights_only=True)["state_dict"]
     assert state["block_updates"].tolist() == [STEPS] * blocks
@@ -50,8 +55,7 @@ def assert_equal_to_merged(parallel_ckpt: Path, config: Path, jobs: list[Path], 
 
 
 def test_block_parallel_job_equals_merged_per_block_jobs(tmp_path):
-    parallel = write_config(tmp_path, "parallel", 3, {"class_path": "dbl.training.BlockParallelStrategy"},
-                            tmp_path / "parallel")
+    parallel = write_config(tmp_path, "parallel", 3, BLOCK_PARALLEL, tmp_path / "parallel")
     fit(parallel, tmp_path)
     (parallel_ckpt,) = (tmp_path / "parallel").glob("*.ckpt")
 
@@ -70,16 +74,18 @@ def test_block_parallel_job_equals_merged_per_block_jobs(tmp_path):
     assert all(f"val_loss/block{b}" in proc.stdout for b in range(3)), proc.stdout[-3000:]
 
 
-def test_block_parallel_needs_a_multiple_of_num_blocks_processes(tmp_path):
-    config = write_config(tmp_path, "two", 2, {"class_path": "dbl.training.BlockParallelStrategy"}, None)
-    proc = run_dbl(["fit", "--config", str(config)], tmp_path)
+@pytest.mark.parametrize("devices, overrides, message", [
+    (2, [], "needs a multiple of num_blocks (3) processes"),
+    (3, ["--model.init_args.train_blocks", "[1]"], "train_blocks [1] and BlockParallelStrategy both choose"),
+])
+def test_block_parallel_configuration_errors_are_one_line(tmp_path, devices, overrides, message):
+    config = write_config(tmp_path, "bad", devices, BLOCK_PARALLEL, None)
+    proc = run_dbl(["fit", "--config", str(config), *overrides], tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("dbl:")]
-    assert lines and "needs a multiple of num_blocks (3) processes" in lines[0], proc.stderr[-3000:]
+    assert lines and message in lines[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
-
-BLOCK_PARALLEL = {"class_path": "dbl.training.BlockParallelStrategy"}
 
 
 def test_block_parallel_groups_of_two_equal_two_process_per_block_jobs(tmp_path):

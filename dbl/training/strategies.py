@@ -69,13 +69,15 @@ class BlockParallelStrategy(BlockwiseDDPStrategy):
     split the data as a D-process job does, and average block b's gradients among themselves). So a
     step of the job is B block steps, one per group, and ``max_steps: N`` gives each block N updates.
     The module must be a ``dbl`` block-wise module; it keeps its YAML (no ``train_blocks``: the group
-    decides the block). Same options as ``ddp``.
+    decides the block). Same options as ``ddp``. Only ``fit`` forms the groups: ``validate``, ``test``
+    and ``predict`` under this strategy run as under ``BlockwiseDDPStrategy``.
 
     - ``shared_io: false`` (per-block input/output copies): the groups never talk during training, and
       group b computes exactly what a D-process job ``train_blocks: [b]`` computes (same data order,
-      same noise: the seed is offset by the rank within the group; with D = 1 no distributed sampler,
-      as in a one-process job), so the job equals the B per-block jobs merged with
-      ``tools/merge_blocks.py``, bit for bit on CPU.
+      same noise: the seed is offset by the rank within the group; with D = 1 no distributed sampler
+      and no re-seeding at start-up, as in a one-process job), so the job equals the B per-block jobs
+      merged with ``tools/merge_blocks.py``, bit for bit on CPU (tests/test_block_parallel.py: D = 1
+      against one-process jobs, D = 2 against two-process ``BlockwiseDDPStrategy`` jobs).
     - ``shared_io: true``: the shared input/output gradients are averaged over all W processes, and a
       step clips the gradients by their norm over all blocks and the shared part together (one
       coefficient everywhere, so the shared weights stay identical on every process); the module's
@@ -103,7 +105,10 @@ class BlockParallelStrategy(BlockwiseDDPStrategy):
 
     @property
     def distributed_sampler_kwargs(self) -> dict:
-        # the data is split among the D processes of a group, as in a D-process job of one block
+        # fitting: the data is split among the D processes of a group, as in a D-process job of one
+        # block; otherwise (validate, test, predict) among all processes, as under ddp
+        if self.mesh is None:
+            return super().distributed_sampler_kwargs
         return {"num_replicas": self.group_size, "rank": self.global_rank % self.group_size}
 
     def setup_distributed(self) -> None:
