@@ -13,11 +13,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dbl.errors import UsageError
 from dbl.models.blockwise import BlockwiseNetwork
-from dbl.models.llama import ARInput
+from dbl.models.llama import ARInput, KVCache
 from dbl.models.pretrained import PretrainedCausalLM
 from dbl.training.autoregressive import ARDiffusionLMModule, NextTokenLMModule
 
-VOCAB = 64
+VOCAB = 80  # >= the LM1B test vocabulary (tests/test_lm1b.py), for the CLI test
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -126,6 +126,22 @@ def test_clean_rows_ignore_noisy_rows_and_noisy_rows_ignore_later_tokens(model_d
     hook.remove()
 
 
+def test_noise_modulation_starts_as_identity_and_then_acts(model_dir):
+    net = PretrainedCausalLM(str(model_dir)).eval()
+    n, t, d = 2, 6, net.hidden_size
+    tokens = torch.randint(0, VOCAB, (n, t), generator=torch.Generator().manual_seed(0))
+    x = torch.randn(n, t, d, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        h, c = net.embed(x, torch.tensor([-0.5, 0.3]), ARInput(tokens))
+        layer = net.layers[0]
+        plain = layer.layer(h, **c.layer_kwargs)  # the pretrained layer alone, same rows and mask
+        assert torch.allclose(layer(h, c), plain, atol=1e-6)
+        layer.modulation[1].weight[: 2 * d].normal_(generator=torch.Generator().manual_seed(2))  # shift, scale
+        out = layer(h, c)
+    assert torch.equal(out[:, t:], plain[:, t:])
+    assert not torch.allclose(out[:, :t], plain[:, :t], atol=1e-3)
+
+
 # -- 3. block-wise AR diffusion ---------------------------------------------------------------
 def snapshot(params):
     return [p.detach().clone() for p in params]
@@ -158,6 +174,27 @@ def test_block_step_and_generation(model_dir, tmp_path):
         assert runs[0].shape == (3, 5)
         assert torch.equal(runs[0], runs[1])
         assert len(set(runs[0].flatten().tolist())) > 1
+
+
+def test_cached_prefix_equals_recomputing_it(model_dir):
+    """The clean prefix stored in two pieces, then a noisy row (and a next token) read against it."""
+    net = PretrainedCausalLM(str(model_dir)).double().eval()
+    perturb_new_parameters(net)
+    blocks = BlockwiseNetwork(net, num_blocks=1)
+    gen = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, VOCAB, (2, 7), generator=gen)
+    x = torch.randn(2, 1, net.hidden_size, generator=gen, dtype=torch.float64)
+    c_noise = torch.tensor([-0.5, 0.3], dtype=torch.float64)
+    cache = KVCache()
+    with torch.no_grad():
+        blocks(None, None, ARInput(tokens[:, :4], cache=cache, store=True))
+        next_cached = blocks(None, None, ARInput(tokens[:, 4:6], cache=cache, store=True))
+        noisy_cached = blocks(x, c_noise, ARInput(None, noisy_start=6, cache=cache))
+        next_full = blocks(None, None, ARInput(tokens[:, :6]))
+        noisy_full = blocks(x, c_noise, ARInput(tokens[:, :6], noisy_start=6))
+    assert cache.length == 6
+    assert torch.allclose(next_cached, next_full[:, 4:], atol=1e-10)
+    assert torch.allclose(noisy_cached, noisy_full, atol=1e-10)
 
 
 # -- 4. next-token baseline -------------------------------------------------------------------
@@ -205,3 +242,32 @@ def test_a_model_without_a_layer_list_is_named(tmp_path):
     with pytest.raises(UsageError, match="OPTForCausalLM") as err:
         PretrainedCausalLM(str(tmp_path))
     assert "\n" not in str(err.value)
+
+
+# -- the command line -------------------------------------------------------------------------
+def test_cli_builds_fits_and_reloads_a_pretrained_network(tmp_path):
+    """Built from typed arguments (jsonargparse), trained two block steps, tested from its checkpoint."""
+    from test_lm1b import WORDS, write_archive
+
+    from dbl.cli import main
+
+    model_dir = save_tiny("llama_tied", tmp_path / "model")
+    vocab = tmp_path / "vocab"
+    vocab.mkdir()
+    (vocab / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    write_archive(tmp_path / "lm1b")
+    common = [
+        "--seed_everything", "0",
+        "--model", "dbl.training.autoregressive.ARDiffusionLMModule",
+        "--model.network", "dbl.models.pretrained.PretrainedCausalLM", "--model.network.name_or_path", str(model_dir),
+        "--model.network.frequency_dim", "64", "--model.num_blocks", "2", "--model.sample_steps", "2",
+        "--data", "dbl.data.LM1BDataModule", "--data.root", str(tmp_path / "lm1b"), "--data.download", "false",
+        "--data.tokenizer", str(vocab), "--data.seq_len", "16", "--data.batch_size", "4", "--data.val_sentences", "8",
+        "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path),
+    ]
+    main(["fit", *common, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"])
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    main(["test", *common, "--ckpt_path", str(ckpt), "--trainer.limit_test_batches", "1"])
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert torch.equal(state["network.net.embedding.weight"], state["network.net.lm_head.weight"])
