@@ -223,6 +223,22 @@ def test_next_token_perplexity_and_greedy_decoding_match_the_original(model_dir,
         assert torch.equal(module.generate(prompt, 4, temperature=0.0, use_cache=use_cache), greedy[:, 3:])
 
 
+def test_bfloat16_weights(model_dir):
+    """dtype: bfloat16 loads the weights in bfloat16; logits still equal the original's (loaded likewise), and the
+    diffusion task (float32 noise) trains and generates."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    net = PretrainedCausalLM(str(model_dir), dtype="bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in net.parameters())
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(BlockwiseNetwork(net.eval(), 2)(None, None, ARInput(ids)), ref(ids).logits)
+    module = ARDiffusionLMModule(net.train(), num_blocks=2)
+    assert torch.isfinite(module.block_loss((ids, torch.ones(2, 8)), 0).loss)
+    assert module.generate(ids[:, :3], 2, num_steps=2).shape == (2, 2)
+
+
 # -- 5. errors ----------------------------------------------------------------------------------
 def test_a_directory_without_a_model_is_a_one_line_error(tmp_path):
     with pytest.raises(UsageError) as err:

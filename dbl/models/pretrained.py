@@ -184,8 +184,9 @@ class PretrainedCausalLM(nn.Module):
         For an untied head lm_head(e_k) need not peak at k; the (trainable, shared) head must learn it.
         """
         gamma = getattr(self.norm, "weight", None)
-        scale = gamma.detach().float().norm().to(denoised.dtype) if gamma is not None else self.hidden_size**0.5
-        return self.lm_head(denoised * scale)
+        scale = gamma.detach().float().norm() if gamma is not None else self.hidden_size**0.5
+        # D mixes the task's float32 noise with the network's output: back to the head's dtype (bfloat16 weights)
+        return self.lm_head((denoised * scale).to(self.lm_head.weight.dtype))
 
     # -- block-wise interface ----------------------------------------------------------------
     def embed(
