@@ -25,7 +25,14 @@ def save_tiny(kind, d):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    if kind == "gpt2":
+    if kind in ("qwen2", "mistral"):  # the other layer-list families: attention biases (Qwen2), a sliding window
+        from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+        config, cls = (Qwen2Config, Qwen2ForCausalLM) if kind == "qwen2" else (MistralConfig, MistralForCausalLM)
+        model = cls(config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                           sliding_window=12 if kind == "mistral" else None))
+    elif kind == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64,
                                            bos_token_id=0, eos_token_id=0))
     else:
@@ -81,6 +88,18 @@ def test_next_token_logits_equal_the_original(model_dir, attn):
     if ref.config.tie_word_embeddings:  # tied heads stay tied, and a clean table row decodes to its token
         assert net.lm_head.weight is net.embedding.weight
         assert torch.equal(net.denoised_logits(net.token_table()).argmax(-1), torch.arange(VOCAB))
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_other_families_logits_and_sliding_window(kind, tmp_path):
+    d = save_tiny(kind, tmp_path)
+    net = PretrainedCausalLM(str(d)).eval()
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (BlockwiseNetwork(net, 2)(None, None, ARInput(ids)) - reference(d)(ids).logits).abs().max() <= 1e-5
+    if kind == "mistral":  # window 12: positions 0..11 are exact, position 12 would need the window
+        with pytest.raises(UsageError, match="sliding window"):
+            net.embed(None, None, ARInput(torch.cat([ids, ids[:, :1]], dim=1)))
 
 
 def test_noise_parameters_are_new_and_layers_are_only_in_blocks(model_dir):

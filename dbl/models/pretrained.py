@@ -19,8 +19,9 @@ so that the pretrained function is intact at the start:
 - ``out``: final-norm output -> F in the diffusion space, zero-initialised (DiT's zero final
   layer): the first denoised estimate is D = c_skip z.
 
-Known limits: sliding-window attention (some Mistral/Qwen2 configs) is not applied (the explicit
-mask is full causal); logit soft-capping or scaled embeddings of other families are not handled.
+Known limits: sliding-window attention (Mistral, some Qwen2 configs) is not applied (the explicit
+mask is full causal), so positions beyond the window are refused; logit soft-capping and other
+families' extras are not handled.
 Block-wise, every block's clean stream starts again from the token embeddings (the protocol:
 ``embed`` is shared), so for block b > 0 the clean rows are not the pretrained model's states.
 """
@@ -150,6 +151,9 @@ class PretrainedCausalLM(nn.Module):
         self.embedding, self.norm, self.lm_head = parts["embed"], parts["norm"], model.get_output_embeddings()
         self.rotary_emb, self.wpe, self.drop = parts["rotary"], parts["wpe"], parts["drop"]
         self.vocab_size, self.hidden_size = self.embedding.num_embeddings, self.embedding.embedding_dim
+        # Sliding-window attention is not built into the mask: refuse positions it would cut (embed).
+        window, types = getattr(self.config, "sliding_window", None), getattr(self.config, "layer_types", None)
+        self.sliding_window = window if window and (types is None or "sliding_attention" in types) else None
         d = self.hidden_size
         self.layers = nn.ModuleList(PretrainedLayer(layer, d) for layer in parts["layers"])
         self.noise_embedder = NoiseEmbedder(d, frequency_dim)
@@ -217,6 +221,11 @@ class PretrainedCausalLM(nn.Module):
         if cond.store and cond.cache is not None:
             cond.cache.length += h.shape[1]
         k_pos = torch.cat([torch.arange(past, device=device), q_pos])
+        last = max(past + (cond.tokens.shape[1] if cond.tokens is not None else 0),
+                   cond.noisy_start + (x.shape[1] if x is not None else 0)) - 1  # on the host: no device sync
+        if self.sliding_window is not None and last >= self.sliding_window:
+            raise UsageError(f"position {last} is beyond the sliding window ({self.sliding_window}) of "
+                             f"{type(self.config).__name__}, which this wrapper does not apply; use shorter sequences")
         k_noisy = torch.cat([torch.zeros(past, dtype=torch.bool, device=device), q_noisy])
         allowed = ar_diffusion_mask(q_pos, q_noisy, k_pos, k_noisy)
         # additive float mask [1, 1, S, P + S]: eager attention adds it, sdpa takes it as given
