@@ -123,12 +123,15 @@ class BlockParallelStrategy(BlockwiseDDPStrategy):
         if blocks and self.world_size == blocks:
             rng.restore(state)
 
-    def setup(self, trainer) -> None:
+    def setup_environment(self) -> None:
         from lightning.pytorch.trainer.states import TrainerFn
 
+        super().setup_environment()  # the process group
+        # form the groups before the setup hooks, which may read the schedule (the EMA callback's decay
+        # per step), and before anything is written: a bad setting stops the run with nothing left behind
+        trainer = self.lightning_module.trainer
         if trainer.state.fn == TrainerFn.FITTING:
             self._setup_groups(trainer)
-        super().setup(trainer)
 
     def _setup_groups(self, trainer) -> None:
         import dataclasses
