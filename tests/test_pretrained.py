@@ -269,14 +269,30 @@ def test_a_directory_without_a_model_is_a_one_line_error(tmp_path):
         PretrainedCausalLM(str(tmp_path), dtype="float33")
 
 
-def test_a_model_without_a_layer_list_is_named(tmp_path):
-    from transformers import OPTConfig, OPTForCausalLM
+@pytest.mark.parametrize("kind", ["opt", "phi"])
+def test_a_model_of_another_layout_is_named(kind, tmp_path):
+    """OPT: no model.model.layers at all; Phi: layers, but its final norm has another name."""
+    from transformers import OPTConfig, OPTForCausalLM, PhiConfig, PhiForCausalLM
 
-    OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
-                             word_embed_proj_dim=16, max_position_embeddings=32)).save_pretrained(tmp_path)
-    with pytest.raises(UsageError, match="OPTForCausalLM") as err:
+    if kind == "opt":
+        model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                         num_attention_heads=2, word_embed_proj_dim=16, max_position_embeddings=32))
+    else:
+        model = PhiForCausalLM(PhiConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=32))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(UsageError, match=type(model).__name__) as err:
         PretrainedCausalLM(str(tmp_path))
     assert "\n" not in str(err.value)
+
+
+def test_logit_soft_capping_is_refused(tmp_path):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    Gemma2ForCausalLM(Gemma2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=8)).save_pretrained(tmp_path)
+    with pytest.raises(UsageError, match="soft-caps its logits"):
+        PretrainedCausalLM(str(tmp_path), attn_implementation="eager")
 
 
 # -- the command line -------------------------------------------------------------------------

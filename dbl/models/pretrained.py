@@ -20,8 +20,8 @@ so that the pretrained function is intact at the start:
   layer): the first denoised estimate is D = c_skip z.
 
 Known limits: sliding-window attention (Mistral, some Qwen2 configs) is not applied (the explicit
-mask is full causal), so positions beyond the window are refused; logit soft-capping and other
-families' extras are not handled.
+mask is full causal), so positions beyond the window are refused; so is final logit soft-capping
+(Gemma 2/3). Plain Gemma happens to work (its embedding module scales itself).
 Block-wise, every block's clean stream starts again from the token embeddings (the protocol:
 ``embed`` is shared), so for block b > 0 the clean rows are not the pretrained model's states.
 """
@@ -96,16 +96,21 @@ class PretrainedLayer(nn.Module):
 
 def decoder_parts(model: nn.Module) -> dict:
     """The pieces of a causal LM the wrapper runs, or a one-line ``UsageError`` naming its class."""
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None):  # Gemma 2/3: the head would need it too
+        raise UsageError(f"{type(model).__name__} soft-caps its logits, which PretrainedCausalLM does not apply")
     base = getattr(model, "model", None)
-    if isinstance(getattr(base, "layers", None), nn.ModuleList) and hasattr(base, "rotary_emb"):
+    if isinstance(getattr(base, "layers", None), nn.ModuleList) and all(
+        hasattr(base, name) for name in ("embed_tokens", "norm", "rotary_emb")
+    ):
         return dict(embed=base.embed_tokens, layers=base.layers, norm=base.norm, rotary=base.rotary_emb,
                     wpe=None, drop=None)
     base = getattr(model, "transformer", None)
-    if isinstance(getattr(base, "h", None), nn.ModuleList) and hasattr(base, "wpe"):
+    if isinstance(getattr(base, "h", None), nn.ModuleList) and all(hasattr(base, n) for n in ("wte", "wpe", "ln_f")):
         return dict(embed=base.wte, layers=base.h, norm=base.ln_f, rotary=None, wpe=base.wpe, drop=base.drop)
     raise UsageError(
-        f"{type(model).__name__} is not supported by PretrainedCausalLM: its decoder layers are neither "
-        "model.model.layers (Llama, Qwen2, Mistral, SmolLM2) nor model.transformer.h (GPT-2)"
+        f"{type(model).__name__} is not supported by PretrainedCausalLM: it has neither model.model.{{embed_tokens, "
+        "layers, norm, rotary_emb} (Llama, Qwen2, Mistral, SmolLM2) nor model.transformer.{wte, wpe, h, ln_f} (GPT-2)"
     )
 
 
@@ -142,8 +147,7 @@ class PretrainedCausalLM(nn.Module):
         except UsageError:
             raise
         except ValueError as err:
-            raise UsageError(f"cannot load causal LM {name_or_path!r} ({str(err).splitlines()[0]}); "
-                                 "give a directory written by save_pretrained or a hub id") from None
+            raise UsageError(f"cannot load causal LM {name_or_path!r}: {str(err).splitlines()[0]}") from None
         parts = decoder_parts(model)
         self.config = model.config  # a plain attribute: the HF model object itself is not kept
         # Registered one by one (not the HF model whole): the layers must live only under `layers`,
