@@ -219,17 +219,17 @@ class PretrainedCausalLM(nn.Module):
             raise ValueError("embed needs noisy rows or clean tokens")
         if cond.store and x is not None:
             raise ValueError("only clean rows can be stored in the cache; call with x=None to extend the prefix")
+        last = max(past + (cond.tokens.shape[1] if cond.tokens is not None else 0),
+                   cond.noisy_start + (x.shape[1] if x is not None else 0)) - 1  # on the host: no device sync
+        if self.sliding_window is not None and last >= self.sliding_window:
+            raise UsageError(f"position {last} is beyond the sliding window ({self.sliding_window}) of "
+                             f"{type(self.config).__name__}, which this wrapper does not apply; use shorter sequences")
         h, q_pos, q_noisy = torch.cat(rows, dim=1), torch.cat(positions), torch.cat(noisy)
         if self.wpe is not None:  # GPT-2: learned positions added to the input, then its dropout
             h = self.drop(h + self.wpe(q_pos))
         if cond.store and cond.cache is not None:
             cond.cache.length += h.shape[1]
         k_pos = torch.cat([torch.arange(past, device=device), q_pos])
-        last = max(past + (cond.tokens.shape[1] if cond.tokens is not None else 0),
-                   cond.noisy_start + (x.shape[1] if x is not None else 0)) - 1  # on the host: no device sync
-        if self.sliding_window is not None and last >= self.sliding_window:
-            raise UsageError(f"position {last} is beyond the sliding window ({self.sliding_window}) of "
-                             f"{type(self.config).__name__}, which this wrapper does not apply; use shorter sequences")
         k_noisy = torch.cat([torch.zeros(past, dtype=torch.bool, device=device), q_noisy])
         allowed = ar_diffusion_mask(q_pos, q_noisy, k_pos, k_noisy)
         # additive float mask [1, 1, S, P + S]: eager attention adds it, sdpa takes it as given
