@@ -11,6 +11,9 @@ import torch
 import yaml
 from faults import run_dbl
 
+from dbl.cli import load_experiment
+from dbl.training.checkpoints import block_state_keys
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
 BLOCK_PARALLEL = {"class_path": "dbl.training.BlockParallelStrategy"}
@@ -55,17 +58,27 @@ def assert_equal_to_merged(parallel_ckpt: Path, config: Path, jobs: list[Path], 
 
 
 def test_block_parallel_job_equals_merged_per_block_jobs(tmp_path):
-    parallel = write_config(tmp_path, "parallel", 3, BLOCK_PARALLEL, tmp_path / "parallel")
+    # with an EMA: the checkpoint's weights are the averages, the raw weights are its current_model_state
+    ema = [{"class_path": "dbl.callbacks.EMA", "init_args": {"decay": 0.5}}]
+    parallel = write_config(tmp_path, "parallel", 3, BLOCK_PARALLEL, tmp_path / "parallel", callbacks=ema)
     fit(parallel, tmp_path)
     (parallel_ckpt,) = (tmp_path / "parallel").glob("*.ckpt")
 
     jobs = []
     for b in range(3):  # the same experiment, one block per one-process job
-        single = write_config(tmp_path, f"job{b}", 1, "auto", tmp_path / f"job{b}")
+        single = write_config(tmp_path, f"job{b}", 1, "auto", tmp_path / f"job{b}", callbacks=ema)
         fit(single, tmp_path, "--model.init_args.train_blocks", f"[{b}]")
         jobs.extend((tmp_path / f"job{b}").glob("*.ckpt"))
     assert len(jobs) == 3
-    assert_equal_to_merged(parallel_ckpt, single, jobs, tmp_path / "merged.ckpt", 3)
+    assert_equal_to_merged(parallel_ckpt, single, jobs, tmp_path / "merged.ckpt", 3)  # the averages
+    # and the raw weights, block b from job b (merge_blocks keeps only the averages)
+    with patch.object(sys, "argv", ["dbl"]):
+        module = load_experiment(str(single), ["--model.init_args.train_blocks", "null"], portable_trainer=True).model
+    raw = torch.load(parallel_ckpt, weights_only=True)["current_model_state"]
+    for b, keys in enumerate(block_state_keys(module)):
+        job = torch.load(jobs[b], weights_only=True)["current_model_state"]
+        different = [key for key in keys if not torch.equal(raw[key], job[key])]
+        assert not different, f"block {b}: {len(different)} of {len(keys)} raw weights differ, e.g. {different[:3]}"
 
     # the block-parallel checkpoint is a whole model: one process validates it, every block
     proc = run_dbl(["validate", "--config", str(single), "--ckpt_path", str(parallel_ckpt),

@@ -41,7 +41,18 @@ class EMA(EMAWeightAveraging):
             trained = len(schedule.blocks) if schedule is not None else getattr(pl_module, "num_blocks", 1)
             self.step_decay = self.decay ** (1.0 / trained)
             self._kwargs["avg_fn"] = get_ema_avg_fn(self.step_decay)
-        super().setup(trainer, pl_module, stage)
+        # The average is a deep copy of the module. Its optimizer factories (jsonargparse partials under
+        # the CLI) reach the CLI's trainer and, in the process that launched the others, their Popen
+        # objects, which cannot be copied; the average needs no optimizer, so it is made without them.
+        factories = {name: getattr(pl_module, name) for name in ("optimizer_factory", "lr_scheduler_factory")
+                     if hasattr(pl_module, name)}
+        for name in factories:
+            setattr(pl_module, name, None)
+        try:
+            super().setup(trainer, pl_module, stage)
+        finally:
+            for name, factory in factories.items():
+                setattr(pl_module, name, factory)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
