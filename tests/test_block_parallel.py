@@ -156,3 +156,20 @@ def test_block_parallel_shared_io_keeps_every_process_identical(tmp_path):
     assert not different, f"{len(different)} entries differ between processes, e.g. {different[:3]}"
     different = [key for key in saved if key != "block_updates" and not torch.equal(saved[key], ranks[0][key])]
     assert not different, f"the checkpoint differs from the processes' model, e.g. {different[:3]}"
+
+
+def test_block_parallel_writes_no_checkpoint_after_an_interruption(tmp_path):
+    """After an exception the other groups may not answer, so no checkpoint (and no older one of that
+    name left to resume from in its place)."""
+    from types import SimpleNamespace
+
+    from dbl.training import BlockParallelStrategy
+
+    strategy = BlockParallelStrategy()
+    strategy.mesh = object()  # fitting: the groups are formed
+    strategy._lightning_module = SimpleNamespace(trainer=SimpleNamespace(interrupted=True))
+    stale = tmp_path / "on_exception.ckpt"
+    stale.write_bytes(b"from an earlier interruption")
+    with pytest.warns(Warning, match="does not write"):
+        strategy.save_checkpoint({"state_dict": {}}, stale)
+    assert not stale.exists()

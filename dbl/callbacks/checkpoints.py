@@ -63,7 +63,7 @@ class OnExceptionCheckpoint(Callback):
         if self._step_at_start is None or trainer.global_step == self._step_at_start:
             return  # nothing trained in this run: the checkpoint it resumed from (if any) stays as it is
         trainer.save_checkpoint(self.ckpt_path)
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and self.ckpt_path.is_file():  # a strategy may decline (BlockParallelStrategy)
             print(f"dbl: saved {self.ckpt_path} at step {trainer.global_step}; run the same command to resume",
                   file=sys.stderr)
 

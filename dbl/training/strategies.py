@@ -87,8 +87,8 @@ class BlockParallelStrategy(BlockwiseDDPStrategy):
       scheduler state to rank 0, which writes the file. ``dbl validate|test|predict --ckpt_path`` read
       it on any number of processes, and a block-parallel fit resumes from it (each process loads
       the optimizer state of its own block only). A checkpoint asked for after an exception
-      (``OnExceptionCheckpoint``) is not written, because the other groups may not answer then:
-      resume from the last periodic checkpoint.
+      (``OnExceptionCheckpoint``) is not written, because the other groups may not answer then (an
+      older file of that name is deleted): resume from the last periodic checkpoint.
     - Before each validation every process receives every block's current weights, so validation
       (split among all W processes) sees the whole model.
     - A non-finite step in any group skips (or stops) that step in every group: the groups step in lockstep.
@@ -234,8 +234,13 @@ class BlockParallelStrategy(BlockwiseDDPStrategy):
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
         if self.mesh is not None:
             if self.lightning_module.trainer.interrupted:
+                from pathlib import Path
+
                 from lightning.pytorch.utilities import rank_zero_warn
 
+                # an older file of that name (an earlier interruption) must not pass for this one
+                if self.is_global_zero and Path(filepath).is_file():
+                    Path(filepath).unlink()
                 rank_zero_warn(f"dbl: BlockParallelStrategy does not write {filepath} after an interruption: the other "
                                "groups' blocks cannot be gathered now; resume from the last periodic checkpoint")
                 return
