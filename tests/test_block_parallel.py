@@ -1,6 +1,7 @@
 """Block-parallel training in one job (dbl.training.BlockParallelStrategy), with CPU processes (gloo)
 launched as a user would: `dbl fit`. Its checkpoint must equal the per-block jobs merged."""
 
+import csv
 import runpy
 import sys
 from pathlib import Path
@@ -141,7 +142,9 @@ def test_block_parallel_shared_io_keeps_every_process_identical(tmp_path):
     coefficient, so they stay identical everywhere; validation gives every process every block."""
     config = write_config(tmp_path, "shared", 3, BLOCK_PARALLEL, tmp_path / "shared", shared_io=True,
                           val_check_interval=STEPS, check_val_every_n_epoch=None,  # validate after the last step
-                          callbacks=[{"class_path": "ddp_probe.RecordState", "init_args": {"out_dir": str(tmp_path / "ranks")}}])
+                          callbacks=[{"class_path": "ddp_probe.RecordState", "init_args": {"out_dir": str(tmp_path / "ranks")}}],
+                          logger={"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}},
+                          log_every_n_steps=1)
     # every step clipped, and blocks that move fast enough for their gradients to weigh in the norm
     fit(config, tmp_path, "--model.init_args.gradient_clip_val", "0.001", "--model.init_args.optimizer.init_args.lr", "0.05",
         "--model.init_args.lr_scheduler", "null")
@@ -156,6 +159,12 @@ def test_block_parallel_shared_io_keeps_every_process_identical(tmp_path):
     assert not different, f"{len(different)} entries differ between processes, e.g. {different[:3]}"
     different = [key for key in saved if key != "block_updates" and not torch.equal(saved[key], ranks[0][key])]
     assert not different, f"the checkpoint differs from the processes' model, e.g. {different[:3]}"
+    # rank 0 writes the logs, and they hold every group's training curves
+    (metrics,) = tmp_path.glob("lightning_logs/version_*/metrics.csv")
+    rows = list(csv.DictReader(metrics.open()))
+    for b in range(3):
+        assert [float(r[f"updates/block{b}"]) for r in rows if r.get(f"updates/block{b}")] == [1.0, 2.0, 3.0]
+        assert all(r[f"train_loss/block{b}"] for r in rows if r.get(f"updates/block{b}"))
 
 
 def test_block_parallel_writes_no_checkpoint_after_an_interruption(tmp_path):

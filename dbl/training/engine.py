@@ -412,13 +412,12 @@ class BlockwiseLightningModule(L.LightningModule):
         n = out.noise_level.shape[0]
         self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=n)
         self.log("train/block", float(block), prog_bar=True, batch_size=n)
-        self.log_dict(
-            {
-                f"train_loss/block{block}": out.loss.detach(),
-                f"train_loss_unweighted/block{block}": out.unweighted.detach(),
-                f"noise_level_median/block{block}": out.noise_level.detach().float().median(),
-                f"grad_norm/block{block}": grad_norm.detach(),
-                f"updates/block{block}": self.block_updates[block].float(),
-            },
-            batch_size=n,
-        )
+        per_block = {
+            f"train_loss/block{block}": out.loss.detach(),
+            f"train_loss_unweighted/block{block}": out.unweighted.detach(),
+            f"noise_level_median/block{block}": out.noise_level.detach().float().median(),
+            f"grad_norm/block{block}": grad_norm.detach(),
+            f"updates/block{block}": self.block_updates[block].float(),
+        }
+        gather = getattr(self.trainer.strategy, "gather_block_logs", None)  # BlockParallelStrategy: every group's
+        self.log_dict(gather(per_block) if gather is not None else per_block, batch_size=n)

@@ -92,6 +92,7 @@ class BlockParallelStrategy(BlockwiseDDPStrategy):
     - Before each validation every process receives every block's current weights, so validation
       (split among all W processes) sees the whole model.
     - A non-finite step in any group skips (or stops) that step in every group: the groups step in lockstep.
+    - The per-block training logs of every group reach rank 0, which writes them (``gather_block_logs``).
     """
 
     strategy_name = "block_parallel"
@@ -197,6 +198,17 @@ class BlockParallelStrategy(BlockwiseDDPStrategy):
             coef = (self._global_clip / (total + 1e-6)).clamp(max=1.0)
             for g in block_grads + shared_grads:
                 g.mul_(coef.to(g.dtype))
+
+    def gather_block_logs(self, logs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The engine's per-step ``<name>/block<b>`` scalars of every group, not only this process's block
+        (rank 0 alone writes the logs): one small all-gather among one process per group."""
+        if self.mesh is None:
+            return logs
+        names = [key.rsplit("/block", 1)[0] for key in logs]
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float32).reshape(()).to(self.root_device) for v in logs.values()])
+        gathered = [torch.empty_like(values) for _ in range(self.lightning_module.num_blocks)]
+        dist.all_gather(gathered, values, group=self.mesh.get_group("block"))  # group rank b: block b
+        return {f"{name}/block{b}": row[i] for b, row in enumerate(gathered) for i, name in enumerate(names)}
 
     # -- the whole model, on every process or in the checkpoint ------------------------------
     def _block_keys(self) -> list[list[str]]:
