@@ -103,6 +103,7 @@ class BlockParallelStrategy(BlockwiseDDPStrategy):
         self.block: int | None = None  # the block this process trains
         self.group_size = 1  # D
         self._global_clip: float | None = None
+        self._module_settings: dict = {}  # the module's own schedule and clipping, given back at teardown
 
     @property
     def distributed_sampler_kwargs(self) -> dict:
@@ -157,12 +158,21 @@ class BlockParallelStrategy(BlockwiseDDPStrategy):
         self.block = self.global_rank // self.group_size
         self.mesh = init_device_mesh(self.root_device.type, (blocks, self.group_size), mesh_dim_names=("block", "data"))
         # this process's group trains its block only (its schedule: block b at every step)
+        self._module_settings = {"schedule": module.schedule, "gradient_clip_val": module.gradient_clip_val}
         module.schedule = dataclasses.replace(module.schedule, blocks=(self.block,))
         if self.group_size == 1:
             # a one-process group reads the data as a one-process job does: no distributed sampler
             trainer._accelerator_connector.use_distributed_sampler = False
         if module.network.shared_io and module.gradient_clip_val is not None:
             self._global_clip, module.gradient_clip_val = module.gradient_clip_val, None
+
+    def teardown(self) -> None:
+        # the module leaves the fit with its own schedule and clipping, as it came
+        if self._module_settings and self.lightning_module is not None:
+            for name, value in self._module_settings.items():
+                setattr(self.lightning_module, name, value)
+            self._module_settings = {}
+        super().teardown()
 
     # -- gradients ---------------------------------------------------------------------------
     def _average(self, grads: list[torch.Tensor], group, size: int) -> None:
