@@ -41,14 +41,6 @@ def randn(shape: Sequence[int], generator: Generators = None, dtype: torch.dtype
     return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype) for g in rows])
 
 
-def rand(shape: Sequence[int], generator: Generators = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Uniform [0, 1) [shape] on the CPU; with a list of generators, row i from generator i."""
-    rows = _rows(shape, generator)
-    if rows is None:
-        return torch.rand(tuple(shape), generator=generator, dtype=dtype)
-    return torch.stack([torch.rand(tuple(shape[1:]), generator=g, dtype=dtype) for g in rows])
-
-
 def multinomial(probs: torch.Tensor, generator: Generators = None) -> torch.Tensor:
     """[N, V] CPU probabilities -> [N] one draw per row; with a list of generators, row i from generator i."""
     rows = _rows(probs.shape, generator)

@@ -49,13 +49,16 @@ class BlockwiseDDPStrategy(DDPStrategy):
     def post_backward(self, closure_loss: torch.Tensor) -> None:
         if not self._reduce_after_backward or self.world_size == 1:
             return
-        grads = [p.grad for p in self.lightning_module.parameters() if p.grad is not None]
-        for dtype in sorted({g.dtype for g in grads}, key=str):  # one flat buffer per dtype
-            group = [g for g in grads if g.dtype == dtype]
-            flat = torch.cat([g.reshape(-1) for g in group])
-            dist.all_reduce(flat)
-            flat /= self.world_size
-            for g, averaged in zip(group, flat.split([g.numel() for g in group])):
+        self._average([p.grad for p in self.lightning_module.parameters() if p.grad is not None], None, self.world_size)
+
+    def _average(self, grads: list[torch.Tensor], group, size: int) -> None:
+        """Average ``grads`` over the ``size`` processes of ``group`` (None: all), one flat all-reduce per dtype."""
+        for dtype in sorted({g.dtype for g in grads}, key=str):
+            same = [g for g in grads if g.dtype == dtype]
+            flat = torch.cat([g.reshape(-1) for g in same])
+            dist.all_reduce(flat, group=group)
+            flat /= size
+            for g, averaged in zip(same, flat.split([g.numel() for g in same])):
                 g.copy_(averaged.view_as(g))
             self.bytes_reduced += flat.numel() * flat.element_size()
 
@@ -175,16 +178,6 @@ class BlockParallelStrategy(BlockwiseDDPStrategy):
         super().teardown()
 
     # -- gradients ---------------------------------------------------------------------------
-    def _average(self, grads: list[torch.Tensor], group, size: int) -> None:
-        for dtype in sorted({g.dtype for g in grads}, key=str):  # one flat buffer per dtype
-            same = [g for g in grads if g.dtype == dtype]
-            flat = torch.cat([g.reshape(-1) for g in same])
-            dist.all_reduce(flat, group=group)
-            flat /= size
-            for g, averaged in zip(same, flat.split([g.numel() for g in same])):
-                g.copy_(averaged.view_as(g))
-            self.bytes_reduced += flat.numel() * flat.element_size()
-
     def post_backward(self, closure_loss: torch.Tensor) -> None:
         if self.mesh is None:  # not fitting
             return super().post_backward(closure_loss)
