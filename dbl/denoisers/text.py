@@ -9,7 +9,9 @@ token is taken from the logits of the LAST denoiser call (argmax, or a sample at
 With ``use_cache`` each block keeps the keys/values of its own clean stream (``KVCache``): the
 prompt is run once per block, each new token is appended once per block, and a solver step costs
 one noisy row attending to the cache. Without it every step recomputes the whole prefix (the
-reference the cache is tested against).
+reference the cache is tested against). A network whose blocks chain their clean stream
+(``dbl.models.blockwise``: a pretrained decoder) has one clean stream through all layers, so one
+cache, extended through all layers, serves every block.
 
 The next-token baseline's decoding is here too, so that both sides of the comparison decode
 with the same ``pick_token``.
@@ -26,8 +28,10 @@ from dbl.models.blockwise import BlockwiseNetwork
 from dbl.models.llama import ARInput, KVCache
 
 
-def pick_token(logits: torch.Tensor, temperature: float, generator: Generators) -> torch.Tensor:
-    """[N, V] -> [N]: argmax when ``temperature`` is 0, else a sample from softmax(logits / temperature).
+def pick_token(logits: torch.Tensor, temperature: float, generator: Generators, top_p: float = 1.0) -> torch.Tensor:
+    """[N, V] -> [N]: argmax when ``temperature`` is 0, else a sample from softmax(logits / temperature)
+    restricted to its nucleus: the most likely tokens whose probability first reaches ``top_p``
+    (renormalised; the most likely token is always kept).
 
     Sampling draws on the CPU so that a CPU ``generator`` (or one per sample) gives the same tokens
     on any device.
@@ -35,6 +39,11 @@ def pick_token(logits: torch.Tensor, temperature: float, generator: Generators) 
     if temperature == 0:
         return logits.argmax(-1)
     probs = (logits.float() / temperature).softmax(-1).cpu()
+    if top_p < 1:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the more likely tokens
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return multinomial(probs, generator).to(logits.device)
 
 
@@ -61,6 +70,7 @@ def generate_ar_diffusion(
     temperature: float = 0.0,
     generator: Generators = None,
     use_cache: bool = True,
+    top_p: float = 1.0,
 ) -> torch.Tensor:
     """Continue ``prompt`` [N, p] (p >= 1) by ``num_tokens`` tokens; returns [N, num_tokens].
 
@@ -70,9 +80,14 @@ def generate_ar_diffusion(
     network = denoiser.network
     net = network.net
     n, device = prompt.shape[0], prompt.device
-    caches = [KVCache() for _ in range(network.num_blocks)]
+    if getattr(net, "chained_clean_stream", False):
+        shared = KVCache()
+        caches, streams = [shared] * network.num_blocks, [(None, shared)]
+    else:
+        caches = [KVCache() for _ in range(network.num_blocks)]
+        streams = list(enumerate(caches))
     if use_cache:
-        for block, cache in enumerate(caches):
+        for block, cache in streams:
             _extend_prefix(network, block, prompt, cache)
     tokens = prompt
     for _ in range(num_tokens):
@@ -92,10 +107,10 @@ def generate_ar_diffusion(
 
         noise = randn((n, 1, net.hidden_size), generator).to(device=device, dtype=net.embedding.weight.dtype)
         sample(estimate, noise, sigmas, solver, generator)
-        new = pick_token(last_logits[0][:, -1], temperature, generator)
+        new = pick_token(last_logits[0][:, -1], temperature, generator, top_p)
         tokens = torch.cat([tokens, new[:, None]], dim=1)
         if use_cache:
-            for block, cache in enumerate(caches):
+            for block, cache in streams:
                 _extend_prefix(network, block, new[:, None], cache)
     return tokens[:, prompt.shape[1]:]
 
@@ -108,6 +123,7 @@ def generate_next_token(
     temperature: float = 0.0,
     generator: Generators = None,
     use_cache: bool = True,
+    top_p: float = 1.0,
 ) -> torch.Tensor:
     """Ordinary autoregressive decoding of an end-to-end next-token model; returns [N, num_tokens]."""
     _check_prompt(prompt)
@@ -118,6 +134,6 @@ def generate_next_token(
             logits = network(None, None, ARInput(step_input, cache=cache, store=True))
         else:
             logits = network(None, None, ARInput(tokens))
-        new = pick_token(logits[:, -1], temperature, generator)
+        new = pick_token(logits[:, -1], temperature, generator, top_p)
         tokens, step_input = torch.cat([tokens, new[:, None]], dim=1), new[:, None]
     return tokens[:, prompt.shape[1]:]

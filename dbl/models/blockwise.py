@@ -5,6 +5,11 @@ and methods ``embed(x, c_noise, cond) -> (h, c)`` and ``head(h, c) -> out``. Eve
 in ``layers`` is its input/output part: shared by all blocks (``shared_io=True``, as the official
 code) or copied once per block (``shared_io=False``: blocks share nothing and can train in
 separate processes with no communication).
+
+A network that sets ``chained_clean_stream = True`` (a pretrained decoder, ``dbl.models.pretrained``)
+gives block b > 0 the clean rows it was pretrained on: the clean tokens' hidden states after the
+layers of blocks 0..b-1, computed without gradients (so blocks still train independently), instead
+of the token embeddings. Its clean path through all blocks is then the pretrained model's.
 """
 
 from __future__ import annotations
@@ -102,6 +107,23 @@ class BlockwiseNetwork(nn.Module):
         """Input/output parameters every block trains (empty when ``shared_io`` is False)."""
         return list(self.io_parameters(0)) if self.shared_io else []
 
+    def chains_clean_stream(self, cond) -> bool:
+        """Whether this call's clean rows must enter a later block as the earlier blocks leave them."""
+        if not getattr(self.net, "chained_clean_stream", False) or getattr(cond, "tokens", None) is None:
+            return False
+        if cond.cache is not None:  # a cached prefix was extended through all layers (denoisers.text)
+            raise ValueError("with a chained clean stream, extend the cached prefix through all layers (block=None)")
+        return True
+
+    @torch.no_grad()
+    def clean_rows_entering(self, block: int, cond) -> torch.Tensor:
+        """[N, m, d] the clean rows of ``cond`` after the layers of blocks 0..block-1."""
+        start = self.bounds[block][0]
+        h, c = self.io(block).embed(None, None, cond)
+        for layer in self.net.layers[:start]:
+            h = layer(h, c)
+        return h
+
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond=None, block: int | None = None) -> torch.Tensor:
         """Run one block (``block=b``) or, with shared input/output parts, all layers (``block=None``)."""
         if block is None:
@@ -111,6 +133,8 @@ class BlockwiseNetwork(nn.Module):
         else:
             layers, io = self.block_layers(block), self.io(block)
         h, c = io.embed(x, c_noise, cond)
+        if block and self.chains_clean_stream(cond):
+            h = torch.cat([h[:, : c.num_noisy], self.clean_rows_entering(block, cond)], dim=1)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in layers:
             h = checkpoint(layer, h, c, use_reentrant=False) if recompute else layer(h, c)

@@ -85,6 +85,7 @@ class ARInput:
     noisy_start: int = 0
     cache: KVCache | None = None
     store: bool = False
+    clean_hidden: list | None = None  # given a list, ``head`` appends the clean rows' final hidden states [N, m, D]
 
 
 @dataclass
@@ -102,6 +103,7 @@ class TextContext:
     mask: torch.Tensor  # [S, P + S] bool, P = cached positions
     cache: KVCache | None = None
     store: bool = False
+    clean_hidden: list | None = None
 
 
 def _per_rows(c: TextContext, fn, noisy_params, clean_params, x: torch.Tensor) -> torch.Tensor:
@@ -276,12 +278,15 @@ class Llama(nn.Module):
             mask=ar_diffusion_mask(q_pos, q_noisy, k_pos, k_noisy),
             cache=cond.cache,
             store=cond.store,
+            clean_hidden=cond.clean_hidden,
         )
         return h, context
 
     def head(self, h: torch.Tensor, c: TextContext) -> torch.Tensor:
         """Noisy rows present: the raw output F [N, n, D] of the noisy rows (embedding space).
         Otherwise: next-token logits [N, m, V] of the clean rows."""
+        if c.clean_hidden is not None:
+            c.clean_hidden.append(h[:, c.num_noisy:])
         if c.num_noisy:
             return self.out(self.norm(h[:, : c.num_noisy]))
         return self.lm_head(self.norm(h))

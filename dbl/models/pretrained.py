@@ -19,11 +19,18 @@ so that the pretrained function is intact at the start:
 - ``out``: final-norm output -> F in the diffusion space, zero-initialised (DiT's zero final
   layer): the first denoised estimate is D = c_skip z.
 
+Block-wise (``chain_clean_stream``, default on), block b's clean rows enter its first layer as the
+earlier blocks leave them (``dbl.models.blockwise``), so every block starts from the states it
+was pretrained on and the clean path through all blocks is the pretrained model. Off, every block's
+clean stream starts again from the token embeddings (the from-scratch models' protocol).
+
+LoRA (``lora_rank`` > 0, through PEFT): adapters on every linear map of the decoder layers; all
+pretrained weights are frozen, the adapters and the noise conditioning train. Each block's
+adapters live in its layers, so block-wise only the active block's adapters train.
+
 Known limits: sliding-window attention (Mistral, some Qwen2 configs) is not applied (the explicit
 mask is full causal), so positions beyond the window are refused; so is final logit soft-capping
 (Gemma 2/3). Plain Gemma happens to work (its embedding module scales itself).
-Block-wise, every block's clean stream starts again from the token embeddings (the protocol:
-``embed`` is shared), so for block b > 0 the clean rows are not the pretrained model's states.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ class PretrainedContext:
     layer_kwargs: dict  # the HF layer's keyword arguments: 4D mask, and RoPE tables where used
     cache: KVCache | None = None
     store: bool = False
+    clean_hidden: list | None = None  # see ARInput.clean_hidden
 
 
 class _CacheView:
@@ -114,6 +122,31 @@ def decoder_parts(model: nn.Module) -> dict:
     )
 
 
+def linear_maps(layer: nn.Module) -> list[str]:
+    """Names of the linear maps in a decoder layer: ``nn.Linear``, and GPT-2's ``Conv1D``."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in layer.named_modules()
+                   if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"})
+
+
+def add_lora(layers: nn.ModuleList, rank: int, alpha: float, dropout: float, targets: list[str] | None) -> None:
+    """Inject PEFT LoRA adapters, in place, into the linear maps of ``layers``."""
+    if rank < 0:
+        raise UsageError(f"lora_rank must be >= 0, got {rank}")
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise UsageError("lora_rank > 0 needs PEFT: pip install peft") from None
+    available = linear_maps(layers[0])
+    targets = list(targets or available)
+    unknown = sorted(set(targets) - set(available))
+    if unknown:
+        raise UsageError(f"lora_target_modules {unknown} are not linear maps of the decoder layer; choose from {available}")
+    gpt2_style = any(type(m).__name__ == "Conv1D" for m in layers[0].modules())
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        fan_in_fan_out=gpt2_style)
+    inject_adapter_in_model(config, layers)
+
+
 class PretrainedCausalLM(nn.Module):
     """A Hugging Face causal LM with dbl's block-wise interface (``layers``, ``embed``, ``head``).
 
@@ -123,6 +156,12 @@ class PretrainedCausalLM(nn.Module):
         dtype: the weights' dtype, e.g. ``float32``, ``bfloat16``.
         attn_implementation: ``sdpa`` or ``eager`` (both honour the explicit mask).
         frequency_dim: sinusoidal features of the noise embedder.
+        chain_clean_stream: block b > 0 reads the clean rows as blocks 0..b-1 leave them (no
+            gradient), not the token embeddings; the pretrained function stays one chain.
+        lora_rank: r of LoRA adapters on the decoder layers' linear maps; 0: no LoRA, every weight trains.
+        lora_alpha: LoRA scaling numerator (the update is alpha / r * B A); default 2 r.
+        lora_dropout: dropout on the adapters' input.
+        lora_target_modules: names of the layers' linear maps to adapt; default all of them.
     """
 
     def __init__(
@@ -132,6 +171,11 @@ class PretrainedCausalLM(nn.Module):
         dtype: str = "float32",
         attn_implementation: str = "sdpa",
         frequency_dim: int = 256,
+        chain_clean_stream: bool = True,
+        lora_rank: int = 0,
+        lora_alpha: float | None = None,
+        lora_dropout: float = 0.0,
+        lora_target_modules: list[str] | None = None,
     ):
         super().__init__()
         torch_dtype = getattr(torch, dtype, None)
@@ -159,6 +203,12 @@ class PretrainedCausalLM(nn.Module):
         window, types = getattr(self.config, "sliding_window", None), getattr(self.config, "layer_types", None)
         self.sliding_window = window if window and (types is None or "sliding_attention" in types) else None
         d = self.hidden_size
+        self.chained_clean_stream = chain_clean_stream  # read by BlockwiseNetwork and the generator
+        self.lora_rank = lora_rank
+        if lora_rank:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            add_lora(parts["layers"], lora_rank, lora_alpha or 2 * lora_rank, lora_dropout, lora_target_modules)
         self.layers = nn.ModuleList(PretrainedLayer(layer, d) for layer in parts["layers"])
         self.noise_embedder = NoiseEmbedder(d, frequency_dim)
         self.noisy_in = nn.Linear(d, d)
@@ -243,11 +293,13 @@ class PretrainedCausalLM(nn.Module):
             features = sinusoidal_embedding(c_noise, self.noise_embedder.frequency_dim).to(h.dtype)
             noisy_cond = self.noise_embedder.mlp(features)
         n = x.shape[1] if x is not None else 0
-        return h, PretrainedContext(noisy_cond, n, layer_kwargs, cond.cache, cond.store)
+        return h, PretrainedContext(noisy_cond, n, layer_kwargs, cond.cache, cond.store, cond.clean_hidden)
 
     def head(self, h: torch.Tensor, c: PretrainedContext) -> torch.Tensor:
         """Noisy rows present: their raw output F [N, n, D] (diffusion space). Otherwise: the
         pretrained next-token logits [N, m, V] of the clean rows."""
+        if c.clean_hidden is not None:
+            c.clean_hidden.append(h[:, c.num_noisy:])
         if c.num_noisy:
             return self.out(self.norm(h[:, : c.num_noisy]))
         return self.lm_head(self.norm(h))

@@ -41,7 +41,8 @@ class _LanguageModel:
     """What both LM1B tasks share, placed before the engine in their bases: the decoder and vocabulary
     checks, the generation defaults, ``example_batch`` and ``predict_step``."""
 
-    def __init__(self, network: nn.Module, generate_tokens: int = 64, temperature: float = 0.0, **kwargs):
+    def __init__(self, network: nn.Module, generate_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 **kwargs):
         super().__init__(network, **kwargs)
         for attr in ("token_vectors", "token_table", "denoised_logits"):
             if not hasattr(self.network.net, attr):
@@ -50,7 +51,32 @@ class _LanguageModel:
             raise UsageError(f"generate_tokens must be >= 1, got {generate_tokens}")
         if temperature < 0:
             raise UsageError(f"temperature must be >= 0 (0 = argmax), got {temperature}")
-        self.generate_tokens, self.temperature = generate_tokens, temperature
+        if not 0 < top_p <= 1:
+            raise UsageError(f"top_p must be in (0, 1] (1 = no nucleus cut), got {top_p}")
+        self.generate_tokens, self.temperature, self.top_p = generate_tokens, temperature, top_p
+
+    def token_nll(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, T-1] next-token NLL of tokens 1..T-1 through the clean path of all layers, and the mask of
+        positions that count."""
+        tokens, loss_mask = batch
+        logits = self.network(None, None, ARInput(tokens[:, :-1]), block=None if self.num_blocks > 1 else 0)
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
+        return nll.view(tokens.shape[0], -1), loss_mask[:, 1:].to(logits.dtype)
+
+    def update_next_token_metrics(self, batch, stage: str) -> None:
+        nll, mask = self.token_nll(batch)
+        metrics = self.eval_metrics[stage]
+        metrics["nll"].update((nll * mask).sum())
+        metrics["tokens"].update(mask.sum())
+
+    def log_next_token_metrics(self, stage: str, prefix: str) -> None:
+        """``<stage>/<prefix>ce`` and ``ppl``: exact, the summed NLL over the summed predicted tokens."""
+        metrics = self.eval_metrics[stage]
+        ce = metrics["nll"].compute() / metrics["tokens"].compute().clamp(min=1)
+        self.log(f"{stage}/{prefix}ce", ce, prog_bar=True)
+        self.log(f"{stage}/{prefix}ppl", ce.exp(), prog_bar=not prefix)
+        metrics["nll"].reset()
+        metrics["tokens"].reset()
 
     def check_data(self, datamodule, stage: str) -> None:
         """The tokenizer's vocabulary against the network's, before step 0."""
@@ -79,7 +105,15 @@ class ARDiffusionLMModule(_LanguageModel, EDMDiffusionModule):
         overlap: gamma, the widening of each block's training range (paper: 0.1 for AR text).
         sample_steps: default solver steps per generated token (per call overridable).
         temperature: 0 takes the argmax of the last step's logits; > 0 samples at that temperature.
+        top_p: nucleus sampling: sample among the most likely tokens whose probability adds up to top_p.
         generate_tokens: continuation length of ``dbl predict``.
+        anchor_weight: w > 0 adds w x the next-token cross-entropy of the clean path (the active
+            block's clean rows, then the later blocks' layers, frozen for the step, then the head):
+            the model's ordinary next-token path, kept from drifting while only the active block
+            trains. With a pretrained network (chained clean stream) it is that model's own loss.
+        next_token_metrics: also report ``<stage>/next_token_ce`` and ``next_token_ppl`` (exact) of the
+            clean path through all layers; default on for networks whose blocks chain their clean
+            stream (a pretrained model keeps a next-token path), off otherwise.
         **kwargs: the noise options (``partition``, ``loss_weighting``: ``edm`` is per-sample
             lambda(sigma) * CE, the paper's stated objective; EDM's constants, ``sample_solver``,
             ``sample_grid``; see ``EDMDiffusionModule``) and the engine's (``num_blocks``,
@@ -93,35 +127,72 @@ class ARDiffusionLMModule(_LanguageModel, EDMDiffusionModule):
         overlap: float = 0.1,
         sample_steps: int = 32,
         temperature: float = 0.0,
+        top_p: float = 1.0,
         generate_tokens: int = 64,
+        anchor_weight: float = 0.0,
+        next_token_metrics: bool | None = None,
         **kwargs,
     ):
         if not kwargs.get("shared_io", True):
             raise UsageError("ARDiffusionLMModule needs shared_io: true (the diffusion targets are the shared token table's rows)")
-        super().__init__(network, overlap=overlap, sample_steps=sample_steps, temperature=temperature,
+        if anchor_weight < 0:
+            raise UsageError(f"anchor_weight must be >= 0 (0 = no next-token anchor), got {anchor_weight}")
+        super().__init__(network, overlap=overlap, sample_steps=sample_steps, temperature=temperature, top_p=top_p,
                          generate_tokens=generate_tokens, **kwargs)
-        self.eval_metrics = per_stage(lambda: {"loss": MeanMetric(), "ce": MeanMetric(), "block_ce": PerBlockMean(self.num_blocks)})
+        self.anchor_weight = anchor_weight
+        if next_token_metrics is None:
+            next_token_metrics = bool(getattr(self.network.net, "chained_clean_stream", False))
+        self.next_token_metrics = next_token_metrics
+        self.eval_metrics = per_stage(lambda: {"loss": MeanMetric(), "ce": MeanMetric(), "block_ce": PerBlockMean(self.num_blocks),
+                                               "nll": SumMetric(), "tokens": SumMetric()})
 
     # -- the objective ---------------------------------------------------------------------
-    def logits(self, tokens: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, block: int) -> torch.Tensor:
+    def logits(self, tokens: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, block: int,
+               clean_hidden: list | None = None) -> torch.Tensor:
         """[N, T, V] logits of every token from ``block``'s denoised estimate of its embedding, noised at
-        sigma [N] with ``noise``, given the clean tokens before it."""
+        sigma [N] with ``noise``, given the clean tokens before it. ``clean_hidden``: see ``ARInput``."""
         net = self.network.net
         z = self.denoiser.noised(net.token_vectors(tokens), sigma, noise)
-        return net.denoised_logits(self.denoiser(z, sigma, ARInput(tokens), block=block))
+        return net.denoised_logits(self.denoiser(z, sigma, ARInput(tokens, clean_hidden=clean_hidden), block=block))
 
-    def per_sample_ce(self, tokens, loss_mask, sigma, noise, block) -> torch.Tensor:
+    def per_sample_ce(self, tokens, loss_mask, sigma, noise, block, clean_hidden: list | None = None) -> torch.Tensor:
         """[N] cross-entropy of ``logits`` against the tokens, mean over ``loss_mask``."""
-        logits = self.logits(tokens, sigma, noise, block)
+        logits = self.logits(tokens, sigma, noise, block, clean_hidden)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none").view_as(tokens)
         return _masked_mean(ce, loss_mask)
+
+    def anchor_ce(self, tokens: torch.Tensor, loss_mask: torch.Tensor, block: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy of the clean rows that left ``block`` as ``hidden`` [N, T, d]: the later
+        blocks' layers (their weights frozen here: this step trains ``block`` only), then the head."""
+        network = self.network
+        _, c = network.io(block).embed(None, None, ARInput(tokens))  # the clean rows' mask and positions
+        later = network.net.layers[network.bounds[block][1]:]
+        frozen = [p for p in later.parameters() if p.requires_grad]
+        try:
+            for p in frozen:
+                p.requires_grad_(False)
+            for layer in later:
+                hidden = layer(hidden, c)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        logits = network.io(block).head(hidden, c)[:, :-1]
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
+        mask = loss_mask[:, 1:].to(nll.dtype).flatten()
+        return (nll * mask).sum() / mask.sum().clamp(min=1)
 
     def block_loss(self, batch, block: int) -> BlockLoss:
         tokens, loss_mask = batch
         sigma = self.denoiser.training_sigma(block, tokens.shape[0], tokens.device)
         noise = torch.randn((*tokens.shape, self.network.net.hidden_size), device=tokens.device)
-        ce = self.per_sample_ce(tokens, loss_mask, sigma, noise, block)
-        return BlockLoss(self.training_loss(ce, sigma), ce.mean(), sigma)
+        hidden = [] if self.anchor_weight else None
+        ce = self.per_sample_ce(tokens, loss_mask, sigma, noise, block, hidden)
+        loss = self.training_loss(ce, sigma)
+        if self.anchor_weight:
+            anchor = self.anchor_ce(tokens, loss_mask, block, hidden[0])
+            self.log("train/anchor_ce", anchor.detach(), batch_size=tokens.shape[0])
+            loss = loss + self.anchor_weight * anchor
+        return BlockLoss(loss, ce.mean(), sigma)
 
     # -- evaluation ------------------------------------------------------------------------
     def evaluation_step(self, batch, batch_idx: int, stage: str) -> None:
@@ -142,9 +213,13 @@ class ARDiffusionLMModule(_LanguageModel, EDMDiffusionModule):
         metrics["ce"].update(ce)
         self.log(f"{stage}/loss", metrics["loss"], prog_bar=True, batch_size=tokens.shape[0])
         self.log(f"{stage}/ce", metrics["ce"], batch_size=tokens.shape[0])
+        if self.next_token_metrics:
+            self.update_next_token_metrics(batch, stage)
 
     def evaluation_epoch_end(self, stage: str) -> None:
         self.log_per_block(f"{stage}_ce", self.eval_metrics[stage]["block_ce"])
+        if self.next_token_metrics:
+            self.log_next_token_metrics(stage, "next_token_")
 
     # -- generation ------------------------------------------------------------------------
     def generate(
@@ -157,6 +232,7 @@ class ARDiffusionLMModule(_LanguageModel, EDMDiffusionModule):
         grid: str | None = None,
         temperature: float | None = None,
         use_cache: bool = True,
+        top_p: float | None = None,
     ) -> torch.Tensor:
         """Continue ``prompt`` [N, p]; [N, num_tokens]. Unset options take the module's defaults."""
         opts = self.sampler_options(num_steps=num_steps, solver=solver, grid=grid)
@@ -165,6 +241,7 @@ class ARDiffusionLMModule(_LanguageModel, EDMDiffusionModule):
             return generate_ar_diffusion(
                 self.denoiser, prompt.to(self.device), num_tokens or self.generate_tokens, sigmas, opts["solver"],
                 self.temperature if temperature is None else temperature, generator, use_cache,
+                self.top_p if top_p is None else top_p,
             )
 
 
@@ -178,27 +255,23 @@ class NextTokenLMModule(_LanguageModel, BlockwiseLightningModule):
     Args:
         network: ``dbl.models.Llama``.
         temperature: decoding temperature; 0 = greedy.
+        top_p: nucleus sampling: sample among the most likely tokens whose probability adds up to top_p.
         generate_tokens: continuation length of ``dbl predict``.
         num_blocks: always 1 (stated here so that the CLI's default is 1, not the engine's).
         **kwargs: the engine's options (``optimizer``, ``lr_scheduler``, ``gradient_clip_val``, ...).
     """
 
-    def __init__(self, network: nn.Module, temperature: float = 0.0, generate_tokens: int = 64, num_blocks: int = 1, **kwargs):
+    def __init__(self, network: nn.Module, temperature: float = 0.0, top_p: float = 1.0, generate_tokens: int = 64,
+                 num_blocks: int = 1, **kwargs):
         if num_blocks != 1:
             raise UsageError(f"NextTokenLMModule trains end to end: num_blocks must be 1, got {num_blocks}")
-        super().__init__(network, temperature=temperature, generate_tokens=generate_tokens, num_blocks=1, **kwargs)
+        super().__init__(network, temperature=temperature, top_p=top_p, generate_tokens=generate_tokens, num_blocks=1,
+                         **kwargs)
         self.eval_metrics = per_stage(lambda: {"nll": SumMetric(), "tokens": SumMetric()})
 
     @property
     def leaves_parameters_unused(self) -> bool:
         return True  # the decoder's noise conditioning: next-token prediction has no noisy rows
-
-    def token_nll(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """[N, T-1] NLL of tokens 1..T-1 given their prefix, and the mask of positions that count."""
-        tokens, loss_mask = batch
-        logits = self.network(None, None, ARInput(tokens[:, :-1]), block=0)
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
-        return nll.view(tokens.shape[0], -1), loss_mask[:, 1:].to(logits.dtype)
 
     def block_loss(self, batch, block: int) -> BlockLoss:
         nll, mask = self.token_nll(batch)
@@ -206,18 +279,10 @@ class NextTokenLMModule(_LanguageModel, BlockwiseLightningModule):
         return BlockLoss(loss, loss, torch.zeros(nll.shape[0], device=nll.device))  # noise level 0: no diffusion
 
     def evaluation_step(self, batch, batch_idx: int, stage: str) -> None:
-        nll, mask = self.token_nll(batch)
-        metrics = self.eval_metrics[stage]
-        metrics["nll"].update((nll * mask).sum())
-        metrics["tokens"].update(mask.sum())
+        self.update_next_token_metrics(batch, stage)
 
     def evaluation_epoch_end(self, stage: str) -> None:
-        metrics = self.eval_metrics[stage]
-        ce = metrics["nll"].compute() / metrics["tokens"].compute().clamp(min=1)
-        self.log(f"{stage}/ce", ce, prog_bar=True)
-        self.log(f"{stage}/ppl", ce.exp(), prog_bar=True)
-        metrics["nll"].reset()
-        metrics["tokens"].reset()
+        self.log_next_token_metrics(stage, "")
 
     def generate(
         self,
@@ -226,10 +291,12 @@ class NextTokenLMModule(_LanguageModel, BlockwiseLightningModule):
         generator: Generators = None,
         temperature: float | None = None,
         use_cache: bool = True,
+        top_p: float | None = None,
     ) -> torch.Tensor:
         """Continue ``prompt`` [N, p]; [N, num_tokens]."""
         with self.sampling_mode():
             return generate_next_token(
                 self.network, prompt.to(self.device), num_tokens or self.generate_tokens,
                 self.temperature if temperature is None else temperature, generator, use_cache,
+                self.top_p if top_p is None else top_p,
             )
