@@ -6,10 +6,11 @@ from dbl.data.fashion_mnist import FashionMNISTDataModule
 from dbl.data.imagenet import ImageNetDataModule
 from dbl.data.latents import LatentShardDataset
 from dbl.data.lm1b import LM1BDataModule
+from dbl.data.text import TextDataModule
 from dbl.data.text8 import Text8DataModule
 from dbl.errors import MissingDataError
 
 __all__ = [
     "CIFAR10DataModule", "DigitsDataModule", "FashionMNISTDataModule", "ImageNetDataModule", "LM1BDataModule",
-    "LatentShardDataset", "MissingDataError", "Text8DataModule",
+    "LatentShardDataset", "MissingDataError", "Text8DataModule", "TextDataModule",
 ]
