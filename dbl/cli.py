@@ -1,8 +1,9 @@
-"""``dbl fit|validate|test|predict|info --config run.yaml``: LightningCLI, plus ``info``.
+"""``dbl fit|validate|test|predict|info|export --config run.yaml``: LightningCLI, plus ``info`` and ``export``.
 
 The YAML is the whole experiment (model, data, trainer, callbacks). ``info`` builds the same
 objects and prints the blocks, their noise ranges, parameter counts and the estimated memory of a
-training step, without training.
+training step, without training. ``export --ckpt_path <ckpt> --out <dir>`` writes a trained
+checkpoint as a folder to share and load back (``dbl.export``).
 """
 
 from __future__ import annotations
@@ -90,11 +91,38 @@ class Trainer(L.Trainer):
 
         print(describe(model, datamodule))
 
+    def export(self, model: L.LightningModule, datamodule: L.LightningDataModule | None = None,
+               ckpt_path: str | None = None, out: str | None = None, overwrite: bool = False) -> None:
+        """Write a checkpoint as a folder to share: weights, model config, tokenizer, model card (and a plain
+        transformers folder where the model has a next-token path); ``dbl.load_exported`` loads it back.
+
+        Args:
+            ckpt_path: the checkpoint, or ``last``: this experiment's newest.
+            out: the folder to write; it must be new or empty.
+            overwrite: replace an earlier export at ``out``.
+        """
+        from dbl.export import check_export_options, export
+
+        check_export_options(ckpt_path, out, overwrite)
+        path = export(model, ckpt_path, out, datamodule=datamodule, overwrite=overwrite, callbacks=self.callbacks)
+        print(f"dbl: exported {ckpt_path} to {path}", file=sys.stderr)
+
 
 class DBLCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "info": {"model", "datamodule"}}
+        return {**LightningCLI.subcommands(), "info": {"model", "datamodule"}, "export": {"model", "datamodule"}}
+
+    def before_instantiate_classes(self) -> None:
+        # export reads a checkpoint and writes files: its options are checked before the model is built (which
+        # may load a large pretrained model), and its trainer must build on any machine (a login node)
+        if self.config.get("subcommand") == "export":
+            from dbl.export import check_export_options
+
+            options = self.config["export"]
+            check_export_options(options.get("ckpt_path"), options.get("out"), options.get("overwrite"))
+            trainer = options["trainer"]
+            trainer["accelerator"], trainer["devices"], trainer["strategy"] = "cpu", 1, "auto"
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--fresh", type=bool, default=False,
@@ -146,7 +174,7 @@ class DBLCLI(LightningCLI):
         print(f"dbl: --ckpt_path last: using {found}", file=sys.stderr)
         config["ckpt_path"] = str(found)
 
-    before_validate = before_test = before_predict = _resolve_last_checkpoint
+    before_validate = before_test = before_predict = before_export = _resolve_last_checkpoint
 
     def before_fit(self) -> None:
         """Re-running an interrupted experiment's command resumes it (preemption, a crash, a hard kill):

@@ -147,6 +147,19 @@ def add_lora(layers: nn.ModuleList, rank: int, alpha: float, dropout: float, tar
     inject_adapter_in_model(config, layers)
 
 
+def merge_lora(module: nn.Module) -> None:
+    """In place: every PEFT adapter layer in ``module`` merged into its base layer, which replaces it."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # without PEFT there are no adapters
+        return
+    for name, child in list(module.named_modules()):
+        if isinstance(child, BaseTunerLayer) and name:
+            child.merge()
+            parent, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, attr, child.get_base_layer())
+
+
 class PretrainedCausalLM(nn.Module):
     """A Hugging Face causal LM with dbl's block-wise interface (``layers``, ``embed``, ``head``).
 
@@ -162,6 +175,8 @@ class PretrainedCausalLM(nn.Module):
         lora_alpha: LoRA scaling numerator (the update is alpha / r * B A); default 2 r.
         lora_dropout: dropout on the adapters' input.
         lora_target_modules: names of the layers' linear maps to adapt; default all of them.
+        load_weights: false builds the architecture from ``name_or_path``'s ``config.json`` alone, with
+            freshly initialised weights, for trained weights to be loaded into (``dbl.load_exported``).
     """
 
     def __init__(
@@ -176,6 +191,7 @@ class PretrainedCausalLM(nn.Module):
         lora_alpha: float | None = None,
         lora_dropout: float = 0.0,
         lora_target_modules: list[str] | None = None,
+        load_weights: bool = True,
     ):
         super().__init__()
         torch_dtype = getattr(torch, dtype, None)
@@ -187,7 +203,14 @@ class PretrainedCausalLM(nn.Module):
         if gguf_file is not None:
             kwargs["gguf_file"] = gguf_file
         try:  # dbl.hub turns a missing file into one line; transformers says "no model here" with a ValueError
-            model = from_pretrained(AutoModelForCausalLM.from_pretrained, name_or_path, "causal LM", **kwargs)
+            if load_weights:
+                model = from_pretrained(AutoModelForCausalLM.from_pretrained, name_or_path, "causal LM", **kwargs)
+            else:
+                from transformers import AutoConfig
+
+                config = from_pretrained(AutoConfig.from_pretrained, name_or_path, "causal LM config",
+                                         **({"gguf_file": gguf_file} if gguf_file else {}))
+                model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn_implementation)
         except UsageError:
             raise
         except ValueError as err:
@@ -222,6 +245,35 @@ class PretrainedCausalLM(nn.Module):
         for module in (self.noise_embedder, self.noisy_in, self.out, *(layer.modulation for layer in self.layers)):
             module.to(torch_dtype)
         self.train()  # from_pretrained leaves its modules in eval mode; a new nn.Module starts in train mode
+
+    # -- the clean path as a plain transformers model ----------------------------------------------
+    def to_causal_lm(self) -> nn.Module:
+        """The clean path alone as a new ``AutoModelForCausalLM`` of ``self.config`` (no dbl code needed
+        to run it), on this wrapper's device and dtype: copies of the embedding, positions, decoder
+        layers (LoRA adapters merged into the base weights), final norm and ``lm_head``; the noise
+        conditioning is left out. Its logits are this wrapper's clean-row logits, ``head(layers(embed))``.
+        """
+        import copy
+
+        from transformers import AutoModelForCausalLM
+
+        weight = self.embedding.weight
+        model = AutoModelForCausalLM.from_config(
+            self.config, dtype=weight.dtype, attn_implementation=getattr(self.config, "_attn_implementation", None))
+        parts = decoder_parts(model)
+        names = {id(m): name for name, m in model.named_modules()}
+        state = {}
+        for mine, theirs in (("embedding", parts["embed"]), ("wpe", parts["wpe"]), ("norm", parts["norm"]),
+                             ("lm_head", model.get_output_embeddings())):
+            if theirs is not None:
+                state.update({f"{names[id(theirs)]}.{k}": v for k, v in getattr(self, mine).state_dict().items()})
+        for i, layer in enumerate(self.layers):
+            layer = copy.deepcopy(layer.layer)
+            merge_lora(layer)
+            state.update({f"{names[id(parts['layers'])]}.{i}.{k}": v for k, v in layer.state_dict().items()})
+        model.load_state_dict(state, strict=True)
+        model.tie_weights()
+        return model.to(weight.device).eval()
 
     # -- the token table (the diffusion's targets) -----------------------------------------------
     def token_table(self) -> torch.Tensor:
