@@ -433,7 +433,11 @@ def load_exported(path: str | Path, trust_config: bool = False):
     if _is_pretrained(network.get("class_path", "")):
         if not (path / NETWORK / "config.json").is_file():
             raise MissingDataError(f"{path} has no {NETWORK}/config.json to rebuild its PretrainedCausalLM from")
-        network.setdefault("init_args", {}).update(name_or_path=str(path / NETWORK), gguf_file=None, load_weights=False)
+        init_args = network.setdefault("init_args", {})
+        init_args.update(name_or_path=str(path / NETWORK), gguf_file=None, load_weights=False)
+        for option in ("config", "meta_device"):  # an inline config is in network/config.json too; weights are real
+            if option in init_args:
+                init_args[option] = None if option == "config" else False
     with _given_hyperparameters_context(hparams=hparams, instantiator="lightning.pytorch.cli.instantiate_module"):
         module = instantiate_module(BlockwiseLightningModule, hparams)
     missing, unexpected = load_model(module, str(path / WEIGHTS), strict=False)
