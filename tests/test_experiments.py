@@ -64,3 +64,24 @@ def test_every_run_logs_into_a_folder_of_its_own():
         logger = yaml.safe_load(path.read_text())["trainer"]["logger"]["init_args"]
         folders.setdefault((logger.get("save_dir"), logger["name"]), []).append(path.stem)
     assert all(len(stems) == 1 for stems in folders.values()), folders
+
+
+def test_the_fine_tuning_arms_share_model_data_and_layer_updates():
+    """docs/finetune.md compares five arms on SmolLM2-135M: the same pretrained model and data, and equal
+    layer-updates (steps x layers per step, 30 layers in all)."""
+    arms = {p.stem.removeprefix("smollm2_finetune_"): yaml.safe_load(p.read_text())
+            for p in EXPERIMENTS if p.stem.startswith("smollm2_finetune_")}
+    assert set(arms) == {"full", "lora", "b3", "b3_anchor", "b3_lora"}
+    data = {yaml.safe_dump(a["data"]) for a in arms.values()}
+    assert len(data) == 1
+    networks = {a["model"]["init_args"]["network"]["init_args"]["name_or_path"] for a in arms.values()}
+    assert len(networks) == 1
+    for name, arm in arms.items():
+        blocks = arm["model"]["init_args"].get("num_blocks", 1)
+        assert arm["trainer"]["max_steps"] * 30 // blocks == 1200, name
+        if blocks > 1:  # round robin, so every block gets the same share
+            assert arm["model"]["init_args"]["block_schedule"] == "phased"
+            assert arm["model"]["init_args"]["phase_steps"] == 1
+        lora = arm["model"]["init_args"]["network"]["init_args"].get("lora_rank", 0)
+        assert (lora > 0) == name.endswith("lora"), name
+    assert arms["b3_anchor"]["model"]["init_args"]["anchor_weight"] > 0
