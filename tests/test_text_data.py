@@ -5,6 +5,7 @@ Word ids of the tiny tokenizer: <unk> 0, <s> 1, </s> 2, a 3, b 4, c 5, d 6, e 7,
 """
 
 import json
+import math
 import re
 import socket
 import tarfile
@@ -118,6 +119,10 @@ def test_jsonl_with_bos_equal_to_eos_only_ends_documents(tmp_path):
     assert torch.equal(rows(dm, "validation"), torch.tensor([[4, 4, 5, 1]]))
     # test_source: all its documents, 2 3 4 1 5 6 1 4 4 5 1 6 1 -> 3 rows of 4, the tail [1] dropped
     assert torch.equal(rows(dm, "test"), torch.tensor([[2, 3, 4, 1], [5, 6, 1, 4], [4, 5, 1, 6]]))
+    # no BOS: examples start at a document's first word (2 3 | 4 1, then 5 6 | 1 4), prompts get nothing prepended
+    prompts, continuations = dm.generation_examples(2, 2, 2, split="test")
+    assert prompts.tolist() == [[2, 3], [5, 6]] and continuations.tolist() == [[4, 1], [1, 4]]
+    assert dm.bos_id is None and dm.encode_prompt(" a b \n") == [2, 3]
 
 
 def test_dataset_folders_give_the_same_rows(tmp_path, tok_dir):
@@ -210,6 +215,8 @@ def test_cache_is_reused_and_follows_the_bytes(tmp_path, tok_dir, monkeypatch):
     again.setup("fit")  # read back: the tokenizer is never called
     assert calls == [] and again.cache_path == first.cache_path
     assert torch.equal(rows(again, "train"), rows(first, "train"))
+    prompts, continuations = again.generation_examples(1, 3, 2, "validation")  # document lengths read back too
+    assert prompts.tolist() == [[1, 5, 5]] and continuations.tolist() == [[6, 2]]
     # the same size, one byte changed ("c" -> "d" in a.txt): a new key, tokenised again
     (src / "a.txt").write_text("a b d")
     with pytest.raises(AssertionError, match="tokenised again"):
@@ -274,6 +281,138 @@ def test_fits_a_language_model(tmp_path, tok_dir, one_thread):
     small = NextTokenLMModule(Llama(8, hidden_size=16, depth=1, num_heads=2))
     with pytest.raises(UsageError, match="the tokenizer has 9 tokens"):
         small.check_data(dm, "fit")
+
+
+# -- generation ----------------------------------------------------------------------------------
+def test_generation_examples_start_at_documents_and_run_across_their_ends(tmp_path, tok_dir):
+    """val_documents=2 with seed 0 holds out a.txt and sub/c.txt: 1 3 4 5 2 | 1 5 5 6 2, packed in rows of 4
+    as [1 3 4 5], [2 1 5 5] with the tail [6 2] dropped; generation reads the documents, tail included."""
+    dm = make(write_docs(tmp_path / "docs"), tok_dir, tmp_path, seq_len=4, val_documents=2)
+    dm.setup("fit")
+    assert torch.equal(rows(dm, "validation"), torch.tensor([[1, 3, 4, 5], [2, 1, 5, 5]]))
+
+    def examples(*args, **kw):
+        return [t.tolist() for t in dm.generation_examples(*args, **kw)]
+
+    # every example starts at a document's start, its BOS included (as encode_prompt's prompts do)
+    assert examples(2, 2, 1, split="validation") == [[[1, 3], [1, 5]], [[4], [5]]]
+    # one runs on across a document end: a.txt is 5 tokens, the next 2 are sub/c.txt's
+    assert examples(1, 4, 3, split="validation") == [[[1, 3, 4, 5]], [[2, 1, 5]]]
+    # ... and into the tokens of the dropped last row
+    assert examples(1, 5, 5, split="validation") == [[[1, 3, 4, 5, 2]], [[1, 5, 5, 6, 2]]]
+    assert examples(1, 5, 5) == examples(1, 5, 5, split="validation")  # no test_source: test reads validation
+    with pytest.raises(UsageError, match=r"^the validation documents give only 1 examples of 7 tokens; "
+                                         r"lower num_prompts or the lengths$"):
+        dm.generation_examples(2, 4, 3, split="validation")
+    with pytest.raises(UsageError, match=r"^the validation documents give only 0 examples of 11 tokens"):
+        dm.generation_examples(1, 5, 6, split="validation")
+    with pytest.raises(UsageError, match=r"^generation prompts come from 'validation' or 'test', not 'train'$"):
+        dm.generation_examples(1, 2, 2, split="train")
+
+
+def test_generation_examples_of_the_test_source_take_the_next_document(tmp_path, tok_dir):
+    """test_source x.txt, y.txt, z.txt = 1 8 2 | 1 3 4 5 6 7 2 | 1 7 8 2: the first example (4 tokens)
+    ends inside y.txt, the second starts at z.txt, not at y.txt's rest."""
+    test = write_docs(tmp_path / "test", {"x.txt": "f", "y.txt": "a b c d e", "z.txt": "e f"})
+    dm = make(write_docs(tmp_path / "docs"), tok_dir, tmp_path, test_source=str(test))
+    prompts, continuations = dm.generation_examples(2, 2, 2)  # set up on demand; split="test" by default
+    assert prompts.tolist() == [[1, 8], [1, 7]] and continuations.tolist() == [[2, 1], [8, 2]]
+    assert prompts.dtype == continuations.dtype == torch.long
+    prompts, continuations = dm.generation_examples(1, 3, 2, split="validation")  # sub/c.txt, as without test_source
+    assert prompts.tolist() == [[1, 5, 5]] and continuations.tolist() == [[6, 2]]
+    with pytest.raises(UsageError, match=r"^the test documents give only 2 examples of 4 tokens"):
+        dm.generation_examples(3, 2, 2)
+
+
+def test_predict_file_prompts_start_with_bos_grouped_by_length(tmp_path, tok_dir):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a b\nc\n\n   \n d e \n")
+    dm = make(write_docs(tmp_path / "docs"), tok_dir, tmp_path, predict_file=str(prompts), predict_batch_size=1)
+    assert dm.encode_prompt(" a b \n") == [1, 3, 4] and dm.bos_id == 1
+    batches = [(p.tolist(), i.tolist()) for p, i in dm.predict_dataloader()]
+    assert batches == [([[1, 5]], [1]), ([[1, 3, 4]], [0]), ([[1, 6, 7]], [2])]  # by token length, then line
+    assert dm.predict_lines == ["a b", "c", " d e "]
+    together = make(write_docs(tmp_path / "docs"), tok_dir, tmp_path, predict_file=str(prompts))  # batch size 16
+    assert [(p.tolist(), i.tolist()) for p, i in together.predict_dataloader()] == [([[1, 5]], [1]),
+                                                                                  ([[1, 3, 4], [1, 6, 7]], [0, 2])]
+    with pytest.raises(UsageError, match=r"^dbl predict needs data.init_args.predict_file: a text file with one prompt per line$"):
+        make(tmp_path / "docs", tok_dir, tmp_path).predict_dataloader()
+    with pytest.raises(MissingDataError, match=r"predict_file .*nowhere.txt does not exist; write one prompt per line"):
+        make(tmp_path / "docs", tok_dir, tmp_path, predict_file=str(tmp_path / "nowhere.txt")).predict_dataloader()
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with pytest.raises(UsageError, match=r"predict_file .*blank.txt has no prompts; write one prompt per line"):
+        make(tmp_path / "docs", tok_dir, tmp_path, predict_file=str(tmp_path / "blank.txt")).predict_dataloader()
+    with pytest.raises(UsageError, match="data predict_batch_size must be >= 1, got 0"):
+        make(tmp_path / "docs", tok_dir, tmp_path, predict_batch_size=0)
+
+
+def write_judge(path):
+    """A tiny random GPT-2 judge with a word-level tokenizer of WORDS, saved like a hub model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<eos>", eos_token="<eos>").save_pretrained(path)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_positions=64, n_embd=16, n_layer=1, n_head=2)).save_pretrained(path)
+    return path
+
+
+def test_generation_metrics_score_continuations_of_validation_and_test_documents(tmp_path, tok_dir, one_thread):
+    """LMGenerationMetrics on a TextDataModule: prompts from the validation documents at validation and
+    from test_source's at test; gen-PPL under the judge is logged, and the JSONL holds the prompts' text."""
+    import lightning as L
+
+    from dbl.callbacks.lm_generation import LMGenerationMetrics
+    from dbl.models.llama import Llama
+    from dbl.training.autoregressive import NextTokenLMModule
+
+    rotations = [" ".join(WORDS[i % 6:] + WORDS[: i % 6]) for i in range(12)]
+    src = write_docs(tmp_path / "docs", {f"{i:02d}.txt": f"{w} {w}" for i, w in enumerate(rotations)})
+    test = write_docs(tmp_path / "test", {f"{i}.txt": f"{w} {w} {w}" for i, w in enumerate(rotations[::-1][:6])})
+    dm = make(src, tok_dir, tmp_path, seq_len=8, val_documents=6, test_source=str(test))
+    torch.manual_seed(0)
+    module = NextTokenLMModule(Llama(9, hidden_size=16, depth=1, num_heads=2))
+    metrics = LMGenerationMetrics(judge=str(write_judge(tmp_path / "judge")), num_prompts=6, prompt_length=3,
+                                  continuation_length=4, continuations_per_prompt=2, seeds=[0], generation_batch_size=8,
+                                  every_n_validations=1, sampler={"temperature": 1.0})
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=1, limit_test_batches=1, default_root_dir=tmp_path, callbacks=[metrics])
+    for stage, run in (("val", trainer.validate), ("test", trainer.test)):
+        logged = run(module, datamodule=dm)[0]
+        got = metrics.last_metrics
+        assert math.isfinite(got["gen_ppl"]) and got["gen_ppl"] > 1 and math.isfinite(got["human_gen_ppl"])
+        assert logged[f"{stage}/gen_ppl"] == pytest.approx(got["gen_ppl"]) and 0 < logged[f"{stage}/mauve"] <= 1
+        records = [json.loads(line) for line in (tmp_path / f"{stage}_step0000000_generations.jsonl").read_text().splitlines()]
+        assert len(records) == 6 * 2
+        # each prompt is its document's first 3 tokens: <s> and two words, shown without the <s>
+        documents = [rotations[i] for i in dm.documents["validation"]] if stage == "val" else rotations[::-1][:6]
+        assert [r["prompt"] for r in records[::2]] == [" ".join(d.split()[:2]) for d in documents]
+        assert [r["human_continuation"] for r in records[::2]] == [" ".join(d.split()[2:6]) for d in documents]
+
+
+def test_cli_predict_writes_continuations_of_the_predict_file(tmp_path, tok_dir, capsys, one_thread):
+    from dbl.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a b\nc\n d e \n")
+    out = tmp_path / "continuations.jsonl"
+    main(["predict", "--seed_everything", "0",
+          "--model", "dbl.training.autoregressive.NextTokenLMModule", "--model.generate_tokens", "3",
+          "--model.network", "dbl.models.llama.Llama", "--model.network.vocab_size", "9",
+          "--model.network.hidden_size", "16", "--model.network.depth", "1", "--model.network.num_heads", "2",
+          "--data", "dbl.data.TextDataModule", "--data.source", str(write_docs(tmp_path / "docs")),
+          "--data.tokenizer", str(tok_dir), "--data.seq_len", "5", "--data.val_documents", "1",
+          "--data.cache_dir", str(tmp_path / "cache"), "--data.predict_file", str(prompts),
+          "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+          "--trainer.default_root_dir", str(tmp_path),
+          "--trainer.callbacks+=dbl.callbacks.ContinuationWriter", f"--trainer.callbacks.output={out}"])
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in written] == ["a b", "c", " d e "]  # input order, though batched by length
+    assert all(set(r["continuation"].split()) <= set(WORDS) for r in written) and any(r["continuation"] for r in written)
+    assert "a b =>" in capsys.readouterr().out
 
 
 # -- errors --------------------------------------------------------------------------------------

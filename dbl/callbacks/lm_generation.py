@@ -7,8 +7,8 @@ same prompts, and writes every generation to a JSONL file a person can read.
 
 Protocol (defaults; every number is an argument):
 - prompts: the first ``num_prompts`` examples of the data module's split being evaluated
-  (``generation_examples``: validation sentences at validation, held-out test sentences at
-  ``dbl test``): ``prompt_length`` tokens of a sentence, and the
+  (``generation_examples``: validation sentences or documents at validation, held-out test ones at
+  ``dbl test``): ``prompt_length`` tokens from the start of a sentence or document, and the
   ``continuation_length`` tokens that follow it as the human reference;
 - ``continuations_per_prompt`` continuations per prompt and seed, for every seed in ``seeds``;
 - generative perplexity: the judge causal LM's perplexity of the continuation given the prompt
@@ -235,7 +235,8 @@ class LMGenerationMetrics(L.Callback):
         so all log them); process 0 writes the files."""
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "generation_examples"):
-            raise UsageError("LMGenerationMetrics needs a data module with generation_examples (dbl.data.LM1BDataModule)")
+            raise UsageError("LMGenerationMetrics needs a data module with generation_examples "
+                             "(dbl.data.LM1BDataModule, dbl.data.TextDataModule)")
         # validation prompts come from the validation sentences, test prompts from the test sentences
         prompts, references = dm.generation_examples(self.num_prompts, self.prompt_length, self.continuation_length,
                                                      split="validation" if stage == "val" else "test")

@@ -391,24 +391,11 @@ class LM1BDataModule(L.LightningDataModule):
         start of a sentence and runs on across sentence ends (as packed training rows do); the next
         example starts at the next sentence. Deterministic, so every model is scored on the same prompts.
         """
-        if split not in ("validation", "test"):
-            raise UsageError(f"generation prompts come from 'validation' or 'test', not {split!r}")
+        check_generation_split(split)
         self.setup("test")
-        need = prompt_length + continuation_length
-        examples, current = [], []
         source = "heldout_sentences" if split == "test" else "validation_sentences"
-        for ids in self.splits[source]["input_ids"]:
-            current += ids
-            if len(current) >= need:
-                examples.append(current[:need])
-                current = []
-                if len(examples) == num_prompts:
-                    break
-        if len(examples) < num_prompts:
-            raise UsageError(f"the {split} sentences give only {len(examples)} examples of {need} tokens; "
-                             f"lower num_prompts or the lengths")
-        rows = torch.tensor(examples)
-        return rows[:, :prompt_length], rows[:, prompt_length:]
+        return chained_examples(self.splits[source]["input_ids"], num_prompts, prompt_length, continuation_length,
+                                f"the {split} sentences")
 
     def encode_prompt(self, text: str) -> list[int]:
         """A user prompt as ids starting with the BOS/[CLS] token and without an end marker."""
@@ -420,24 +407,61 @@ class LM1BDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """Prompts from ``predict_file``; each batch is ``(prompts [n, p], line indices [n])`` of one length."""
-        if not self.hparams.predict_file:
-            raise UsageError("dbl predict needs data.init_args.predict_file: a text file with one prompt per line")
-        path = Path(self.hparams.predict_file)
-        if not path.exists():
-            raise MissingDataError(f"predict_file {path} does not exist; write one prompt per line into it")
-        self.predict_lines = [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
-        if not self.predict_lines:
-            raise UsageError(f"predict_file {path} has no prompts; write one prompt per line")
-        encoded = [self.encode_prompt(line) for line in self.predict_lines]
-        if any(len(e) == 0 for e in encoded):
-            raise UsageError(f"a prompt in {path} encodes to no tokens and the tokenizer has no BOS; give non-empty prompts")
-        by_length: dict[int, list[int]] = {}
-        for i, e in enumerate(encoded):
-            by_length.setdefault(len(e), []).append(i)
-        batches = []
-        for length in sorted(by_length):
-            idx = by_length[length]
-            for start in range(0, len(idx), self.hparams.predict_batch_size):
-                chunk = idx[start : start + self.hparams.predict_batch_size]
-                batches.append((torch.tensor([encoded[i] for i in chunk]), torch.tensor(chunk)))
-        return DataLoader(batches, batch_size=None)
+        return prompt_loader(self)
+
+
+# -- generation prompts, shared with dbl.data.TextDataModule ------------------------------------
+def check_generation_split(split: str) -> None:
+    if split not in ("validation", "test"):
+        raise UsageError(f"generation prompts come from 'validation' or 'test', not {split!r}")
+
+
+def chained_examples(documents, num_prompts: int, prompt_length: int, continuation_length: int,
+                     what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompts [P, prompt_length], continuations [P, continuation_length]) from ``documents``, token id
+    sequences in order (lists, arrays or tensors): each example starts at the start of a document and
+    runs on across document ends; the next example starts at the document after the one it ended in.
+    ``what`` names the documents in the error when they give fewer than ``num_prompts`` examples."""
+    need = prompt_length + continuation_length
+    examples, current = [], []
+    for ids in documents:
+        ids = ids[: need - len(current)]  # a long document is read no further than the example needs
+        current += ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        if len(current) == need:
+            examples.append(current)
+            current = []
+            if len(examples) == num_prompts:
+                break
+    if len(examples) < num_prompts:
+        raise UsageError(f"{what} give only {len(examples)} examples of {need} tokens; lower num_prompts or the lengths")
+    rows = torch.tensor(examples, dtype=torch.long)
+    return rows[:, :prompt_length], rows[:, prompt_length:]
+
+
+def prompt_loader(datamodule) -> DataLoader:
+    """The prompts of ``datamodule.hparams.predict_file`` (one per non-blank line, ``encode_prompt``-ed;
+    the lines kept as ``datamodule.predict_lines``), batched by token length, at most
+    ``predict_batch_size`` per batch: each batch is ``(prompts [n, p], line indices [n])``."""
+    hp = datamodule.hparams
+    if not hp.predict_file:
+        raise UsageError("dbl predict needs data.init_args.predict_file: a text file with one prompt per line")
+    path = Path(hp.predict_file).expanduser()
+    if not path.exists():
+        raise MissingDataError(f"predict_file {path} does not exist; write one prompt per line into it")
+    lines = [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
+    datamodule.predict_lines = lines
+    if not lines:
+        raise UsageError(f"predict_file {path} has no prompts; write one prompt per line")
+    encoded = [datamodule.encode_prompt(line) for line in lines]
+    if any(len(e) == 0 for e in encoded):
+        raise UsageError(f"a prompt in {path} encodes to no tokens and the tokenizer has no BOS; give non-empty prompts")
+    by_length: dict[int, list[int]] = {}
+    for i, e in enumerate(encoded):
+        by_length.setdefault(len(e), []).append(i)
+    batches = []
+    for length in sorted(by_length):
+        idx = by_length[length]
+        for start in range(0, len(idx), hp.predict_batch_size):
+            chunk = idx[start : start + hp.predict_batch_size]
+            batches.append((torch.tensor([encoded[i] for i in chunk]), torch.tensor(chunk)))
+    return DataLoader(batches, batch_size=None)

@@ -20,6 +20,14 @@ reads them back without tokenising, and a changed file gives a new key. A cache 
 temporary folder, read back and checked, then renamed into place.
 
 Batches: ``(tokens [N, seq_len] long, loss_mask [N, seq_len] float)``, as ``LM1BDataModule``'s.
+
+Generation (``dbl.callbacks.LMGenerationMetrics``, ``dbl predict``), as ``LM1BDataModule``'s:
+``generation_examples`` takes prompts and their human continuations from the validation documents
+(or the test documents), each example starting at a document's first token (its BOS, when the
+documents have one) and running on across document ends as the packed rows do, the next starting at
+the next document; for that the cache also keeps each evaluation split's document lengths and the
+tokens of its dropped last row. ``predict_file`` holds prompts, one per line, for ``dbl predict``;
+``encode_prompt`` starts them with the documents' BOS.
 """
 
 from __future__ import annotations
@@ -36,12 +44,18 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from dbl.data.checks import check_loader_options
 from dbl.data.download import atomic_path
-from dbl.data.lm1b import load_tokenizer, tokenizer_fingerprint
+from dbl.data.lm1b import (
+    chained_examples,
+    check_generation_split,
+    load_tokenizer,
+    prompt_loader,
+    tokenizer_fingerprint,
+)
 from dbl.data.loaders import evaluation_loader
 from dbl.errors import MissingDataError, UsageError
 from dbl.hub import from_pretrained, looks_like_a_path
 
-CACHE_VERSION = "text-v1"
+CACHE_VERSION = "text-v2"  # v2: the evaluation splits' document lengths and tails
 SOURCE_KINDS = "a folder of .txt files, a .jsonl file, or a Hugging Face datasets id or local dataset directory"
 
 
@@ -265,6 +279,9 @@ class TextDataModule(L.LightningDataModule):
             ``<cache_dir>/hf_datasets``). Old keys are not deleted.
         num_proc: worker processes for tokenising (``datasets.map``).
         num_workers: DataLoader workers.
+        predict_file: text file of prompts, one per line, continued by ``dbl predict`` (each starts
+            with the documents' BOS, as ``encode_prompt`` makes it).
+        predict_batch_size: prompts per generation batch (prompts of equal token length share a batch).
     """
 
     def __init__(
@@ -285,6 +302,8 @@ class TextDataModule(L.LightningDataModule):
         cache_dir: str = "runs/data/text",
         num_proc: int | None = None,
         num_workers: int = 0,
+        predict_file: str | None = None,
+        predict_batch_size: int = 16,
     ):
         super().__init__()
         if seq_len < 2:
@@ -292,13 +311,16 @@ class TextDataModule(L.LightningDataModule):
         if val_documents is None and not 0 < val_fraction < 1:
             raise UsageError(f"data val_fraction must be in (0, 1), got {val_fraction}; or set val_documents")
         check_loader_options(batch_size=batch_size, eval_batch_size=eval_batch_size, val_documents=val_documents,
-                             num_proc=num_proc, num_workers=num_workers)
+                             num_proc=num_proc, num_workers=num_workers, predict_batch_size=predict_batch_size)
         self.save_hyperparameters()
         self.cache_dir = Path(cache_dir).expanduser()
         self._tokenizer = None
         self.cache_path: Path | None = None
         self.splits: dict[str, PackedRows] = {}
         self.documents: dict[str, np.ndarray] = {}
+        self.lengths: dict[str, np.ndarray] = {}  # evaluation split -> its documents' token counts, in order
+        self.tails: dict[str, np.ndarray] = {}  # evaluation split -> the tokens after its last full row
+        self.predict_lines: list[str] = []
 
     # -- the tokenizer ---------------------------------------------------------------------------
     @property
@@ -326,6 +348,11 @@ class TextDataModule(L.LightningDataModule):
                              f"use a tokenizer that has one")
         bos = t.bos_token_id if t.bos_token_id is not None else t.cls_token_id
         return (bos if bos != eos else None), eos
+
+    @property
+    def bos_id(self) -> int | None:
+        """The id every document (and every prompt) starts with; None when the documents have no BOS."""
+        return self.separators()[0]
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=True)
@@ -376,23 +403,30 @@ class TextDataModule(L.LightningDataModule):
         order = np.random.default_rng(hp.seed).permutation(n)
         return np.sort(order[k:]), np.sort(order[:k])
 
-    def _rows(self, encoded: list[np.ndarray], split: str, name: str) -> np.ndarray:
+    def _rows(self, encoded: list[np.ndarray], split: str, name: str) -> dict[str, np.ndarray]:
+        """``{split: rows}``; for an evaluation split also ``<split>_lengths`` (its documents' token
+        counts) and ``<split>_tail`` (the tokens of the dropped last row), which give back its
+        documents for ``generation_examples``."""
         seq_len = self.hparams.seq_len
         ids = np.concatenate(encoded) if encoded else np.zeros(0, np.int32)
         if len(ids) < seq_len:
             more = "hold out more documents (val_fraction, val_documents), " if split == "validation" else ""
             raise UsageError(f"the {split} split of {name} has {len(ids)} tokens, fewer than one row of "
                              f"seq_len={seq_len}; {more}lower seq_len or add text")
-        return pack_rows(ids, seq_len)
+        rows = pack_rows(ids, seq_len)
+        if split == "train":
+            return {split: rows}
+        return {split: rows, f"{split}_lengths": np.array([len(e) for e in encoded], dtype=np.int64),
+                f"{split}_tail": np.ascontiguousarray(ids[rows.size:])}
 
     def _build(self, main: Source, test: Source | None) -> dict[str, np.ndarray]:
         encoded = self._encode(main.documents())
         train_docs, val_docs = self._split_documents(len(encoded), main.name)
-        arrays = {"train": self._rows([encoded[i] for i in train_docs], "train", main.name),
-                  "validation": self._rows([encoded[i] for i in val_docs], "validation", main.name),
+        arrays = {**self._rows([encoded[i] for i in train_docs], "train", main.name),
+                  **self._rows([encoded[i] for i in val_docs], "validation", main.name),
                   "train_documents": train_docs, "validation_documents": val_docs}
         if test is not None:
-            arrays["test"] = self._rows(self._encode(test.documents()), "test", test.name)
+            arrays.update(self._rows(self._encode(test.documents()), "test", test.name))
         return arrays
 
     def _load_or_build(self) -> Path:
@@ -431,6 +465,11 @@ class TextDataModule(L.LightningDataModule):
                        if (path / f"{name}.npy").exists()}
         self.splits.setdefault("test", self.splits["validation"])
         self.documents = {name: np.load(path / f"{name}_documents.npy") for name in ("train", "validation")}
+        stored = [name for name in ("validation", "test") if (path / f"{name}_lengths.npy").exists()]
+        self.lengths = {name: np.load(path / f"{name}_lengths.npy") for name in stored}
+        self.tails = {name: np.load(path / f"{name}_tail.npy") for name in stored}
+        for name in ("lengths", "tails"):
+            getattr(self, name).setdefault("test", getattr(self, name)["validation"])
 
     def train_dataloader(self) -> DataLoader:
         hp, data = self.hparams, self.splits["train"]
@@ -450,3 +489,40 @@ class TextDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
+
+    # -- generation -------------------------------------------------------------------------------
+    def evaluation_documents(self, split: str):
+        """The documents of an evaluation split (``validation``, or ``test``: ``test_source``'s, else
+        validation's), in order, each as its tokens ``[BOS] ids [EOS]`` (an int32 array, read lazily
+        from the memory-mapped rows, and from the tail for the last ones)."""
+        flat, tail, start = self.splits[split].rows.reshape(-1), self.tails[split], 0
+        n = len(flat)
+        for length in self.lengths[split].tolist():
+            stop = start + length
+            yield flat[start:stop] if stop <= n else np.concatenate([flat[start:], tail[max(start - n, 0) : stop - n]])
+            start = stop
+
+    def generation_examples(self, num_prompts: int, prompt_length: int, continuation_length: int,
+                            split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts [P, prompt_length] and the human continuations [P, continuation_length] that follow them.
+
+        Taken in order from the documents of ``split``: ``validation`` the held-out validation
+        documents, ``test`` those of ``test_source`` (without one, the validation documents). Each
+        example starts at a document's first token (its BOS, when documents have one, as a prompt from
+        ``encode_prompt`` does) and runs on across document ends (as the packed rows do); the next
+        example starts at the next document. Deterministic, so every model is scored on the same prompts.
+        """
+        check_generation_split(split)
+        self.setup("test")
+        return chained_examples(self.evaluation_documents(split), num_prompts, prompt_length, continuation_length,
+                                f"the {split} documents")
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A user prompt as ids: the documents' BOS (when they have one), then the text's ids, no end marker."""
+        ids = self.tokenizer(text.strip(), add_special_tokens=False)["input_ids"]
+        return ([self.bos_id] if self.bos_id is not None else []) + ids
+
+    def predict_dataloader(self) -> DataLoader:
+        """Prompts from ``predict_file``; each batch is ``(prompts [n, p], line indices [n])`` of one length
+        (``predict_lines`` keeps the lines)."""
+        return prompt_loader(self)
