@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dbl.errors import DivergenceError, UsageError
+from dbl.training.checks import check_has_weights
 from dbl.training.engine import BlockwiseLightningModule
 
 
@@ -203,6 +204,11 @@ class DBLCLI(LightningCLI):
                               f"(checkpoint's -> yours): {'; '.join(changed)}; to resume, undo the change; {discard}")
         print(f"dbl: resuming from {found} (step {checkpoint.get('global_step')}); {discard}", file=sys.stderr)
         config["ckpt_path"] = str(found)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand != "info":  # a network built on the meta device (shapes only) cannot run: refuse before any data
+            check_has_weights(self.model, subcommand)
+        super()._run_subcommand(subcommand)
 
     def instantiate_classes(self) -> None:
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import lightning as L
 
+from dbl import finetune_memory
 from dbl.memory import count, estimate_training_memory, profile_activations
 
 PROFILE_BATCH = 4  # samples actually run to measure activations; bytes scale linearly to the real batch
@@ -52,8 +53,13 @@ def describe(module, datamodule: L.LightningDataModule | None) -> str:
     rows.append(["total", "", "", "", f"{count(module.parameters()):,}"])
     out += [_table(rows), ""]
     batch = None if datamodule is None else _example_batch(module, datamodule)
+    if finetune_memory.is_pretrained_decoder(net.net):  # will fine-tuning it fit: computed, needs no weights
+        out += [finetune_memory.describe(module, None if batch is None else tuple(batch[0].shape)), ""]
     if batch is None:
         out.append("(no data module with a batch_size configured: memory estimate skipped)")
+        return "\n".join(out)
+    if finetune_memory.on_meta_device(module):
+        out.append("(the network is on the meta device, shapes only: the measured estimate is skipped)")
         return "\n".join(out)
     batch_size = len(batch[0])
     small = type(batch)(t[:PROFILE_BATCH] if hasattr(t, "shape") else t for t in batch)

@@ -35,6 +35,9 @@ mask is full causal), so positions beyond the window are refused; so is final lo
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -160,11 +163,47 @@ def merge_lora(module: nn.Module) -> None:
             setattr(module.get_submodule(parent) if parent else module, attr, child.get_base_layer())
 
 
+def model_from_config(name_or_path: str | None, config: dict | None, gguf_file: str | None, dtype: torch.dtype,
+                      attn_implementation: str) -> nn.Module:
+    """A causal LM built from its configuration alone, weights freshly initialised (under
+    ``torch.device("meta")``: shapes only, nothing allocated). ``config``: the Hugging Face config given
+    inline (with ``model_type``); otherwise ``name_or_path``'s ``config.json`` (or GGUF header)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if config is not None:
+        config = dict(config)
+        model_type = config.pop("model_type", None)
+        if not model_type:
+            raise UsageError("config needs model_type (e.g. llama, qwen2, mistral, gpt2)")
+        try:
+            config = AutoConfig.for_model(model_type, **config)
+        except (ValueError, KeyError) as err:
+            raise UsageError(f"config: {str(err).splitlines()[0][:200]}") from None
+    else:
+        config = from_pretrained(AutoConfig.from_pretrained, name_or_path, "causal LM config",
+                                 **({"gguf_file": gguf_file} if gguf_file else {}))
+    return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def _on_meta_device_if_asked(init):
+    """Run ``__init__`` under ``torch.device("meta")`` when called with ``meta_device=True``, so that the
+    pretrained parts and the new ones alike are shapes without storage."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapped(self, *args, **kwargs):
+        meta = signature.bind(self, *args, **kwargs).arguments.get("meta_device", False)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            init(self, *args, **kwargs)
+
+    return wrapped
+
+
 class PretrainedCausalLM(nn.Module):
     """A Hugging Face causal LM with dbl's block-wise interface (``layers``, ``embed``, ``head``).
 
     Args:
-        name_or_path: a local directory or a hub id.
+        name_or_path: a local directory or a hub id (none with ``config``).
         gguf_file: a GGUF file in that directory/repo (needs the ``gguf`` package).
         dtype: the weights' dtype, e.g. ``float32``, ``bfloat16``.
         attn_implementation: ``sdpa`` or ``eager`` (both honour the explicit mask).
@@ -177,11 +216,17 @@ class PretrainedCausalLM(nn.Module):
         lora_target_modules: names of the layers' linear maps to adapt; default all of them.
         load_weights: false builds the architecture from ``name_or_path``'s ``config.json`` alone, with
             freshly initialised weights, for trained weights to be loaded into (``dbl.load_exported``).
+        config: the Hugging Face config inline (a mapping with ``model_type``, e.g. a 7B Llama's sizes)
+            instead of ``name_or_path``: no file at all; the weights are freshly initialised.
+        meta_device: build on the meta device from the config alone: shapes, no weights read or
+            allocated, so ``dbl info`` can account for a model this machine cannot hold; fit,
+            validate, test and predict refuse such a network.
     """
 
+    @_on_meta_device_if_asked
     def __init__(
         self,
-        name_or_path: str,
+        name_or_path: str | None = None,
         gguf_file: str | None = None,
         dtype: str = "float32",
         attn_implementation: str = "sdpa",
@@ -192,6 +237,8 @@ class PretrainedCausalLM(nn.Module):
         lora_dropout: float = 0.0,
         lora_target_modules: list[str] | None = None,
         load_weights: bool = True,
+        config: dict | None = None,
+        meta_device: bool = False,
     ):
         super().__init__()
         torch_dtype = getattr(torch, dtype, None)
@@ -202,15 +249,13 @@ class PretrainedCausalLM(nn.Module):
         kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation)
         if gguf_file is not None:
             kwargs["gguf_file"] = gguf_file
+        if (name_or_path is None) == (config is None):
+            raise UsageError("give one of name_or_path (a directory or hub id) and config (the model's config inline)")
         try:  # dbl.hub turns a missing file into one line; transformers says "no model here" with a ValueError
-            if load_weights:
+            if load_weights and not meta_device and config is None:
                 model = from_pretrained(AutoModelForCausalLM.from_pretrained, name_or_path, "causal LM", **kwargs)
             else:
-                from transformers import AutoConfig
-
-                config = from_pretrained(AutoConfig.from_pretrained, name_or_path, "causal LM config",
-                                         **({"gguf_file": gguf_file} if gguf_file else {}))
-                model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn_implementation)
+                model = model_from_config(name_or_path, config, gguf_file, torch_dtype, attn_implementation)
         except UsageError:
             raise
         except ValueError as err:

@@ -72,3 +72,12 @@ def first_item(datamodule, stage: str):
         if dataset is None or not hasattr(dataset, "__getitem__") or len(dataset) == 0:
             return None
         return dataset[0]
+
+
+def check_has_weights(module: torch.nn.Module, command: str = "this command") -> None:
+    """A network built on the meta device (shapes only, e.g. ``PretrainedCausalLM`` with ``meta_device: true``)
+    is for ``dbl info``; anything that runs it is refused here, in one line, before any data is read."""
+    if any(p.is_meta for p in module.parameters()):
+        command = getattr(command, "value", command)  # Lightning's TrainerFn -> "fit"
+        raise UsageError(f"{command}: the network has no weights (built on the meta device: meta_device: true), "
+                         "it serves `dbl info` only; set meta_device: false (and give name_or_path) to run it")

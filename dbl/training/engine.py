@@ -30,7 +30,7 @@ from dbl.data.loaders import split_batch_index
 from dbl.errors import DivergenceError, UsageError
 from dbl.models.blockwise import BlockwiseNetwork
 from dbl.training import rng
-from dbl.training.checks import check_optimizer_options, check_trainer_options
+from dbl.training.checks import check_has_weights, check_optimizer_options, check_trainer_options
 from dbl.training.offload import BlockOffloader
 from dbl.training.schedules import make_schedule
 from dbl.training.strategies import BlockwiseDDPStrategy
@@ -157,6 +157,7 @@ class BlockwiseLightningModule(L.LightningModule):
         return self.num_blocks > 1
 
     def setup(self, stage: str) -> None:
+        check_has_weights(self, stage)  # before the strategy moves the model (meta tensors cannot be copied)
         # Data-parallel: DDP treats a parameter without a gradient as an error unless it looks for
         # unused parameters. Turn that on before the strategy wraps the model (right after this
         # hook), instead of failing at the second step.
