@@ -78,7 +78,7 @@ def test_the_fine_tuning_arms_share_model_data_and_layer_updates():
     assert len(networks) == 1
     for name, arm in arms.items():
         blocks = arm["model"]["init_args"].get("num_blocks", 1)
-        assert arm["trainer"]["max_steps"] * 30 // blocks == 1200, name
+        assert arm["trainer"]["max_steps"] * 30 // blocks == 600, name
         if blocks > 1:  # round robin, so every block gets the same share
             assert arm["model"]["init_args"]["block_schedule"] == "phased"
             assert arm["model"]["init_args"]["phase_steps"] == 1
