@@ -81,10 +81,21 @@ def example_batch(module, datamodule, batch_size: int):
     return module.example_batch(batch_size, seq_len)
 
 
-def network_depth(config: str) -> int:
+def network_depth(config: str, overrides: list[str] = ()) -> int:
     # built end to end: any depth divides into one block
-    cli = load_experiment(config, ["--model.init_args.num_blocks", "1"], portable_trainer=True)
+    cli = load_experiment(config, [*overrides, "--model.init_args.num_blocks", "1"], portable_trainer=True)
     return cli.model.depth
+
+
+def set_overrides(pairs: list[str]) -> list[str]:
+    """``KEY=VALUE`` pairs (``--set model.init_args.network=...``) as CLI overrides ``--KEY VALUE``."""
+    out = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set takes KEY=VALUE (e.g. data.init_args.seq_len=256), got {pair!r}")
+        out += [f"--{key.removeprefix('--')}", value]
+    return out
 
 
 class RepeatBatch(Dataset):

@@ -67,6 +67,18 @@ def test_bench_speed(tiny_config, capsys, monkeypatch):
     assert rows["block-wise B=3"][-1].endswith("%")
     # two rounds of the variants in turn: each ratio is the median with its range over the rounds
     assert re.fullmatch(r"\d+\.\d\d \(\d+\.\d\d-\d+\.\d\d\)", " ".join(rows["block-wise B=3"][3:5]))
+    ratio = re.search(r"^B=3: 3 block steps / 1 end-to-end step = (\d+\.\d\d) \(", out, re.M)
+    assert ratio and ratio.group(1) == rows["block-wise B=3"][3]  # the printed line is the table's ratio
+
+
+def test_bench_speed_overrides_without_offload(tiny_config, capsys, monkeypatch):
+    """``--set`` reaches every variant (here a 4-layer network split 2 + 2) and ``--no-offload`` skips those rows."""
+    out = run_tool("bench_speed.py", ["--config", tiny_config, "--blocks", "2", "--steps", "1", "--rounds", "1",
+                                      "--sample-steps", "2", "--num-samples", "1", "--no-offload",
+                                      "--set", "model.init_args.network.init_args.depth=4"], capsys, monkeypatch)
+    rows = rows_of(out)
+    assert set(rows) == {"end-to-end", "block-wise B=2"} and rows["block-wise B=2"][-1] == "-"
+    assert re.search(r"^B=2: 2 block steps / 1 end-to-end step = \d+\.\d\d;", out, re.M)
 
 
 TEXT = """

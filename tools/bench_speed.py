@@ -1,12 +1,17 @@
 """Training-step and sampling speed, end-to-end vs block-wise, for an experiment's model.
 
     python tools/bench_speed.py --config experiments/quickstart.yaml --blocks 3 [--batch-size 64]
+    python tools/bench_speed.py --config experiments/lm1b_standin_ar_b4.yaml --blocks 3 --no-offload \
+        --set 'model.init_args.network={"class_path": "dbl.models.pretrained.PretrainedCausalLM",
+               "init_args": {"name_or_path": "<HF folder>"}}' --set data.init_args.seq_len=256
 
 Prints the median training-step time of each variant, the cost of B block-wise steps relative to
 one end-to-end step (equal layer-updates; the paper measured 1.07x), the time to sample with N
 solver steps (each step runs one block, so block-wise should be about B times faster), and the
 share of a phase spent moving blocks when inactive blocks are offloaded, and the step time when
-the block changes at every step with offloading on (the random schedule's worst case).
+the block changes at every step with offloading on (the random schedule's worst case). The last
+lines state the step ratio of each B on its own ("B block steps / 1 end-to-end step").
+``--set KEY=VALUE`` overrides the experiment for every variant (another network, sequence length).
 
 On a shared machine the speed drifts between variants measured one after the other, so the
 variants run in turn for ``--rounds`` rounds (A B C A B C ...; each turn a short run with its own
@@ -22,7 +27,17 @@ import warnings
 
 import torch
 
-from dbl.benchmark import StepTimer, Variant, build, default_accelerator, example_batch, network_depth, run_steps, table
+from dbl.benchmark import (
+    StepTimer,
+    Variant,
+    build,
+    default_accelerator,
+    example_batch,
+    network_depth,
+    run_steps,
+    set_overrides,
+    table,
+)
 
 
 def median_step(config, variant, depth, batch_size, steps, accelerator):
@@ -55,10 +70,10 @@ def seconds(t: float | None) -> str:
     return "-" if t is None else f"{t:.3f}"
 
 
-def offload_share(config, num_blocks, depth, batch_size, phase_steps, accelerator):
+def offload_share(config, num_blocks, depth, batch_size, phase_steps, accelerator, overrides=()):
     """Fraction of a phased run's time spent moving blocks, with one full cycle of phases."""
     variant = Variant("offload", num_blocks, offload=True,
-                      overrides=["--model.init_args.phase_steps", str(phase_steps)])
+                      overrides=[*overrides, "--model.init_args.phase_steps", str(phase_steps)])
     module, datamodule = build(config, variant, depth)
     timer = StepTimer()
     run_steps(module, example_batch(module, datamodule, batch_size), num_blocks * phase_steps, [timer], accelerator)
@@ -85,16 +100,22 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=50)
     parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--phase-steps", type=int, default=20, help="phase length for the offload measurement")
+    parser.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure offloading (--no-offload: only the step and sampling times)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override the experiment for every variant, e.g. data.init_args.seq_len=256 (repeatable)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     accelerator = default_accelerator()
-    depth = network_depth(args.config)
+    overrides = set_overrides(args.set)
+    depth = network_depth(args.config, overrides)
 
-    variants = [("end-to-end", Variant("end-to-end", 1))]
+    variants = [("end-to-end", Variant("end-to-end", 1, overrides=overrides))]
     for b in args.blocks:
-        variants.append((f"block-wise B={b}", Variant(f"B={b}", b)))
-        # offloading when the block changes at every step: the worst case of the random schedule
-        variants.append((f"block-wise B={b} + offload, new block every step", Variant(f"B={b} offload", b, offload=True)))
+        variants.append((f"block-wise B={b}", Variant(f"B={b}", b, overrides=overrides)))
+        if args.offload:  # offloading when the block changes at every step: the worst case of the random schedule
+            variants.append((f"block-wise B={b} + offload, new block every step",
+                             Variant(f"B={b} offload", b, offload=True, overrides=overrides)))
     step = {name: [] for name, _ in variants}
     sample = {name: [] for name, _ in variants}
     for _ in range(args.rounds):
@@ -113,14 +134,23 @@ def main() -> None:
         sample_ratio = spread([e / s for s, e in zip(sample[name], sample[e2e])]) if has_sampling else "-"
         sample_s = seconds(statistics.median(sample[name])) if has_sampling else "-"
         share = "-"
-        if b > 1 and not variant.offload:
-            share = f"{offload_share(args.config, b, depth, args.batch_size, args.phase_steps, accelerator):.2%}"
+        if b > 1 and not variant.offload and args.offload:
+            share = offload_share(args.config, b, depth, args.batch_size, args.phase_steps, accelerator, overrides)
+            share = f"{share:.2%}"
         rows.append([name, f"{statistics.median(step[name]) * 1e3:.1f}", step_ratio, sample_s, sample_ratio, share])
     device = torch.cuda.get_device_name() if accelerator == "gpu" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\nSpeed, {args.config}, batch {args.batch_size}, {args.rounds} rounds of all variants in turn, each the "
           f"median of {args.steps} steps after warm-up; ratios: median (min-max) over rounds; sampling "
           f"{args.num_samples} samples x {args.sample_steps} steps, phases of {args.phase_steps} steps, {device}")
     print(table(rows))
+    for name, variant in variants:
+        b = variant.num_blocks
+        if b > 1 and not variant.offload:
+            ratios = [b * s / e for s, e in zip(step[name], step[e2e])]
+            print(f"B={b}: {b} block steps / 1 end-to-end step = {spread(ratios)}"
+                  f"{' (median (min-max) over rounds)' if len(ratios) > 1 else ''}; "
+                  f"{statistics.median(step[name]) * 1e3:.1f} ms per block step, "
+                  f"{statistics.median(step[e2e]) * 1e3:.1f} ms per end-to-end step")
 
 
 if __name__ == "__main__":
