@@ -55,6 +55,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from dbl.memory import count
+
 WHAT_IF_LORA_RANK = 16  # the LoRA rows' rank when the YAML configures none
 WHAT_IF_BLOCKS = 4  # the block-wise rows' B when the YAML trains end to end
 LINEAR_MAPS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -63,10 +65,6 @@ FP32 = 4
 
 def _base(module: nn.Module) -> nn.Module:
     return getattr(module, "base_layer", module)  # PEFT's LoRA layer wraps the pretrained linear map
-
-
-def _numel(params) -> int:
-    return sum(p.numel() for p in params)
 
 
 @dataclass
@@ -216,8 +214,8 @@ def count_parameters(net: nn.Module, shape: LayerShape | None) -> ParameterCount
     base, adapters = [], []
     for layer in layers:
         named = list(layer.layer.named_parameters())
-        base.append(_numel(p for n, p in named if "lora_" not in n))
-        adapters.append(_numel(p for n, p in named if "lora_" in n))
+        base.append(count(p for n, p in named if "lora_" not in n))
+        adapters.append(count(p for n, p in named if "lora_" in n))
     rank = getattr(net, "lora_rank", 0)
     targets = tuple(n for n, m in layers[0].layer.named_modules() if hasattr(m, "lora_A"))
     targets = tuple(sorted({n.rsplit(".", 1)[-1] for n in targets}))
@@ -227,9 +225,9 @@ def count_parameters(net: nn.Module, shape: LayerShape | None) -> ParameterCount
         targets = LINEAR_MAPS
         adapters = [sum(rank * (i + o) for i, o in linear_shapes(layer.layer)) for layer in layers]
     return ParameterCount(
-        pretrained_shared=_numel(p for p in shared if id(p) not in conditioning),
-        conditioning_shared=_numel(p for p in shared if id(p) in conditioning),
-        base=base, modulation=[_numel(layer.modulation.parameters()) for layer in layers], adapters=adapters,
+        pretrained_shared=count(p for p in shared if id(p) not in conditioning),
+        conditioning_shared=count(p for p in shared if id(p) in conditioning),
+        base=base, modulation=[count(layer.modulation.parameters()) for layer in layers], adapters=adapters,
         lora_rank=rank, lora_targets=targets, configured_lora=configured,
     )
 
