@@ -138,7 +138,8 @@ def main() -> None:
             share = offload_share(args.config, b, depth, args.batch_size, args.phase_steps, accelerator, overrides)
             share = f"{share:.2%}"
         rows.append([name, f"{statistics.median(step[name]) * 1e3:.1f}", step_ratio, sample_s, sample_ratio, share])
-    device = torch.cuda.get_device_name() if accelerator == "gpu" else f"CPU, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    device = torch.cuda.get_device_name() if accelerator == "gpu" else f"CPU, {threads} thread{'s' * (threads != 1)}"
     print(f"\nSpeed, {args.config}, batch {args.batch_size}, {args.rounds} rounds of all variants in turn, each the "
           f"median of {args.steps} steps after warm-up; ratios: median (min-max) over rounds; sampling "
           f"{args.num_samples} samples x {args.sample_steps} steps, phases of {args.phase_steps} steps, {device}")
