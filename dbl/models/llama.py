@@ -227,7 +227,12 @@ class Llama(nn.Module):
         D is scaled by sqrt(hidden_size) so that its entries have the unit scale the head sees
         from the final RMSNorm in next-token mode.
         """
-        return self.lm_head(denoised * self.hidden_size**0.5)
+        weight, bias, scale = self.denoised_head()
+        return F.linear(denoised * scale, weight, bias)
+
+    def denoised_head(self) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """(weight, bias, scale) of ``denoised_logits``: logits = F.linear(D * scale, weight, bias)."""
+        return self.lm_head.weight, self.lm_head.bias, self.hidden_size**0.5
 
     # -- block-wise interface ----------------------------------------------------------------
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

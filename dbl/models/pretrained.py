@@ -338,10 +338,15 @@ class PretrainedCausalLM(nn.Module):
         as a temperature. The norm's bias (GPT-2) is left out: it adds an offset independent of D.
         For an untied head lm_head(e_k) need not peak at k; the (trainable, shared) head must learn it.
         """
+        weight, bias, scale = self.denoised_head()
+        # D mixes the task's float32 noise with the network's output: back to the head's dtype (bfloat16 weights)
+        return F.linear((denoised * scale).to(weight.dtype), weight, bias)
+
+    def denoised_head(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | float]:
+        """(weight, bias, scale) of ``denoised_logits``: logits = F.linear(D * scale, weight, bias), scale detached."""
         gamma = getattr(self.norm, "weight", None)
         scale = gamma.detach().float().norm() if gamma is not None else self.hidden_size**0.5
-        # D mixes the task's float32 noise with the network's output: back to the head's dtype (bfloat16 weights)
-        return self.lm_head((denoised * scale).to(self.lm_head.weight.dtype))
+        return self.lm_head.weight, self.lm_head.bias, scale
 
     # -- block-wise interface ----------------------------------------------------------------
     def embed(

@@ -28,6 +28,7 @@ from dbl.errors import UsageError
 from dbl.models.llama import ARInput
 from dbl.training.edm import EDMDiffusionModule
 from dbl.training.engine import BlockLoss, BlockwiseLightningModule
+from dbl.training.losses import linear_cross_entropy
 from dbl.training.metrics import PerBlockMean, per_stage
 
 
@@ -44,7 +45,7 @@ class _LanguageModel:
     def __init__(self, network: nn.Module, generate_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  **kwargs):
         super().__init__(network, **kwargs)
-        for attr in ("token_vectors", "token_table", "denoised_logits"):
+        for attr in ("token_vectors", "token_table", "denoised_logits", "denoised_head"):
             if not hasattr(self.network.net, attr):
                 raise UsageError(f"{type(self.network.net).__name__} is not a text decoder like dbl.models.Llama: no `{attr}`")
         if generate_tokens < 1:
@@ -114,6 +115,9 @@ class ARDiffusionLMModule(_LanguageModel, EDMDiffusionModule):
         next_token_metrics: also report ``<stage>/next_token_ce`` and ``next_token_ppl`` (exact) of the
             clean path through all layers; default on for networks whose blocks chain their clean
             stream (a pretrained model keeps a next-token path), off otherwise.
+        recompute_head: the head's cross-entropy recomputes each chunk's logits in backward (memory:
+            one chunk of logits, one more [N T, D] x [D, V] product) instead of keeping the [N T, V]
+            float32 exponentials from the forward (``dbl.training.losses.linear_cross_entropy``).
         **kwargs: the noise options (``partition``, ``loss_weighting``: ``edm`` is per-sample
             lambda(sigma) * CE, the paper's stated objective; EDM's constants, ``sample_solver``,
             ``sample_grid``; see ``EDMDiffusionModule``) and the engine's (``num_blocks``,
@@ -131,6 +135,7 @@ class ARDiffusionLMModule(_LanguageModel, EDMDiffusionModule):
         generate_tokens: int = 64,
         anchor_weight: float = 0.0,
         next_token_metrics: bool | None = None,
+        recompute_head: bool = False,
         **kwargs,
     ):
         if not kwargs.get("shared_io", True):
@@ -140,6 +145,7 @@ class ARDiffusionLMModule(_LanguageModel, EDMDiffusionModule):
         super().__init__(network, overlap=overlap, sample_steps=sample_steps, temperature=temperature, top_p=top_p,
                          generate_tokens=generate_tokens, **kwargs)
         self.anchor_weight = anchor_weight
+        self.recompute_head = recompute_head
         if next_token_metrics is None:
             next_token_metrics = bool(getattr(self.network.net, "chained_clean_stream", False))
         self.next_token_metrics = next_token_metrics
@@ -156,9 +162,15 @@ class ARDiffusionLMModule(_LanguageModel, EDMDiffusionModule):
         return net.denoised_logits(self.denoiser(z, sigma, ARInput(tokens, clean_hidden=clean_hidden), block=block))
 
     def per_sample_ce(self, tokens, loss_mask, sigma, noise, block, clean_hidden: list | None = None) -> torch.Tensor:
-        """[N] cross-entropy of ``logits`` against the tokens, mean over ``loss_mask``."""
-        logits = self.logits(tokens, sigma, noise, block, clean_hidden)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none").view_as(tokens)
+        """[N] cross-entropy of ``logits`` against the tokens, mean over ``loss_mask``. The head runs a
+        chunk of rows at a time on the positions the mask counts (``dbl.training.losses``): the same
+        value as the full logits' cross-entropy without holding all [N T, V] of them."""
+        net = self.network.net
+        z = self.denoiser.noised(net.token_vectors(tokens), sigma, noise)
+        denoised = self.denoiser(z, sigma, ARInput(tokens, clean_hidden=clean_hidden), block=block)
+        weight, bias, scale = net.denoised_head()
+        ce = linear_cross_entropy(denoised, weight, tokens, scale=scale, bias=bias, mask=loss_mask,
+                                  recompute=self.recompute_head)
         return _masked_mean(ce, loss_mask)
 
     def anchor_ce(self, tokens: torch.Tensor, loss_mask: torch.Tensor, block: int, hidden: torch.Tensor) -> torch.Tensor:
