@@ -95,6 +95,22 @@ def test_the_anchor_trains_the_active_block_and_the_shared_head_only(model_dir):
     assert net.lm_head.weight.grad is not None
 
 
+def test_the_anchor_is_logged_in_training_and_profiled_outside_it(model_dir, tmp_path):
+    """``dbl info`` and the benchmarks run ``block_loss`` outside the training loop (after a fit, too)."""
+    from dbl.memory import profile_activations
+
+    torch.manual_seed(0)
+    module = ARDiffusionLMModule(PretrainedCausalLM(str(model_dir)), num_blocks=2, anchor_weight=1.0)
+    tokens, mask = tokens_and_mask(n=4)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        log_every_n_steps=1, default_root_dir=tmp_path)
+    trainer.fit(module, DataLoader(TensorDataset(tokens, mask), batch_size=4))
+    assert torch.isfinite(trainer.callback_metrics["train/anchor_ce"])
+    profile = profile_activations(module, (tokens, mask), 4)
+    assert profile is not None
+
+
 def test_validation_reports_the_clean_paths_next_token_ce(model_dir, tmp_path):
     tokens, mask = tokens_and_mask(n=4)
     module = ARDiffusionLMModule(PretrainedCausalLM(str(model_dir)), num_blocks=2)

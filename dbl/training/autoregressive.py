@@ -202,7 +202,8 @@ class ARDiffusionLMModule(_LanguageModel, EDMDiffusionModule):
         loss = self.training_loss(ce, sigma)
         if self.anchor_weight:
             anchor = self.anchor_ce(tokens, loss_mask, block, hidden[0])
-            self.log("train/anchor_ce", anchor.detach(), batch_size=tokens.shape[0])
+            if self._trainer is not None and self.trainer.training:  # not when profiled (dbl info, benchmarks)
+                self.log("train/anchor_ce", anchor.detach(), batch_size=tokens.shape[0])
             loss = loss + self.anchor_weight * anchor
         return BlockLoss(loss, ce.mean(), sigma)
 
