@@ -39,7 +39,9 @@ e bytes per element of the weights' dtype, q/kv the query/key-value widths, i th
 
 A linear map keeps its input when its weight trains or LoRA adapts it. Per step, not per sample:
 the float attention mask (e S^2) and the rotary tables (2 e S head_dim). Per sample outside the
-layers: the cross-entropy's float32 log-softmax (4 T V, V the vocabulary), the final norm and head
+layers: the cross-entropy's float32 log-softmax (4 T V, V the vocabulary; AR diffusion's head runs
+``dbl.training.losses.linear_cross_entropy``, which keeps the float32 exponentials, 4 T V, and the
+log-sum-exp instead, with D before its scaling, 4 T h, and the targets), the final norm and head
 inputs, the token embedding path and the noise embedder. Summed over the layers of the largest
 block this is the spec's A L / B; with the state, (4P + A) L / B.
 
@@ -152,12 +154,15 @@ def io_activation_bytes(net: nn.Module, s: LayerShape, obj: Objective, e: int, s
         out += FP32 * R * h + FP32 * R + 2 * e * R * h * shared_trains  # final norm; its normalised input, head input
         return out + FP32 * R * V + FP32 * R  # float log-softmax, masked NLL
     F = net.noise_embedder.frequency_dim
-    out = 8 * T  # token ids (the embedding's, or the cross-entropy's targets)
+    out = 8 * T * shared_trains  # token ids (the embedding's)
     out += (e * T * h + 2 * e * T) * shared_trains  # normalised token embeddings (the diffusion's targets)
     out += e * T * h + e * (F + 2 * h) + e * h  # noisy_in's input; noise embedder; the noise embedding
     out += FP32 * (obj.rows if e == FP32 else T) * h + FP32 * T + e * T * h * shared_trains  # final norm
-    out += e * T * h + e * T * h * shared_trains  # out's input; lm_head's input
-    out += FP32 * T * V + FP32 * T  # float log-softmax, per-token CE
+    out += e * T * h  # out's input
+    # the head's cross-entropy (dbl.training.losses.linear_cross_entropy, recompute=False, the loss mask's rows):
+    # D before its scaling (float32: it mixes the task's float32 noise), the float32 exponentials [T, V] and
+    # log-sum-exp, the targets (a new tensor: the masked rows') and the row mask (bool); the loss mask as float
+    out += FP32 * T * h + FP32 * T * V + FP32 * T + 8 * T + T + FP32 * T
     return out
 
 
