@@ -1,6 +1,7 @@
 """Lightning modules: the block-wise engine and the tasks built on it."""
 
 from dbl.training.autoregressive import ARDiffusionLMModule, NextTokenLMModule
+from dbl.training.classification import LabelDiffusionModule, ViTClassifierModule
 from dbl.training.edm import EDMDiffusionModule
 from dbl.training.engine import BlockLoss, BlockwiseLightningModule
 from dbl.training.image import ImageDiffusionModule
@@ -11,6 +12,6 @@ from dbl.training.strategies import BlockParallelStrategy, BlockwiseDDPStrategy
 
 __all__ = [
     "ARDiffusionLMModule", "BitsPerCharacter", "BlockLoss", "BlockParallelStrategy", "BlockSchedule", "BlockwiseDDPStrategy", "BlockwiseLightningModule",
-    "EDMDiffusionModule", "ImageDiffusionModule", "MaskedDiffusionModule", "NextTokenLMModule", "PerBlockMean",
+    "EDMDiffusionModule", "ImageDiffusionModule", "LabelDiffusionModule", "MaskedDiffusionModule", "NextTokenLMModule", "PerBlockMean", "ViTClassifierModule",
     "make_schedule",
 ]

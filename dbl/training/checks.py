@@ -30,7 +30,7 @@ def _factory_error(option: str, factory, err: Exception) -> UsageError:
                       f"{message}; set valid values under model.init_args.{option}.init_args")
 
 
-def check_optimizer_options(optimizer, lr_scheduler) -> None:
+def check_optimizer_options(optimizer, lr_scheduler, scheduler_option: str = "lr_scheduler") -> None:
     """Build the optimizer (and scheduler) once on a dummy parameter, so that their own range checks
     (a negative learning rate or weight decay, a scheduler factor of 0) fail now, not at step 0."""
     if optimizer is None:
@@ -43,7 +43,7 @@ def check_optimizer_options(optimizer, lr_scheduler) -> None:
         try:
             lr_scheduler(opt)
         except ValueError as err:
-            raise _factory_error("lr_scheduler", lr_scheduler, err) from None
+            raise _factory_error(scheduler_option, lr_scheduler, err) from None
 
 
 def check_trainer_options(trainer) -> None:

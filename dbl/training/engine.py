@@ -66,6 +66,9 @@ class BlockwiseLightningModule(L.LightningModule):
         optimizer: optimizer factory, built once per block and once for the shared parameters.
         lr_scheduler: LR scheduler factory, one per optimizer; it steps only when its block
             trains, so a block's warm-up counts that block's own updates.
+        shared_lr_scheduler: the shared input/output optimizer's scheduler factory; default
+            ``lr_scheduler``. The shared part steps on EVERY step, B times as often as a block, so a
+            schedule with a horizon (warm-up, cosine) needs B times the block's lengths here.
         gradient_clip_val: max global norm of the gradients of one step (block + shared); None: off.
         offload_inactive: keep only the training block's weights and optimizer state on the
             accelerator; the others wait in pinned host memory (``dbl.training.offload``). They
@@ -93,6 +96,7 @@ class BlockwiseLightningModule(L.LightningModule):
         schedule_seed: int = 0,
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
+        shared_lr_scheduler: LRSchedulerCallable | None = None,
         gradient_clip_val: float | None = 1.0,
         offload_inactive: bool = False,
         activation_checkpointing: bool = False,
@@ -104,7 +108,7 @@ class BlockwiseLightningModule(L.LightningModule):
         # dicts), so `load_from_checkpoint` rebuilds everything; built in Python, the network and
         # factories are objects that do not belong in a checkpoint's hyperparameters.
         from_yaml = _given_hyperparameters.get() is not None
-        self.save_hyperparameters(ignore=[] if from_yaml else ["network", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=[] if from_yaml else ["network", "optimizer", "lr_scheduler", "shared_lr_scheduler"])
         self.automatic_optimization = False
         self.network = BlockwiseNetwork(network, num_blocks, layers_per_block, shared_io, activation_checkpointing)
         self.schedule = make_schedule(block_schedule, num_blocks, train_blocks, phase_steps, schedule_seed)
@@ -121,6 +125,11 @@ class BlockwiseLightningModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         check_optimizer_options(optimizer, lr_scheduler)
+        if shared_lr_scheduler is not None:
+            if lr_scheduler is None:
+                raise UsageError("shared_lr_scheduler needs lr_scheduler too (the blocks' schedule); set both or neither")
+            check_optimizer_options(optimizer, shared_lr_scheduler, "shared_lr_scheduler")
+        self.shared_lr_scheduler_factory = shared_lr_scheduler or lr_scheduler
         self.offload_inactive = offload_inactive
         self.offloader: BlockOffloader | None = None
         self.register_buffer("block_updates", torch.zeros(num_blocks, dtype=torch.long))
@@ -340,7 +349,9 @@ class BlockwiseLightningModule(L.LightningModule):
         optimizers = [self.optimizer_factory(params) for params in self.parameter_groups()]
         if self.lr_scheduler_factory is None:
             return optimizers
-        return optimizers, [self.lr_scheduler_factory(opt) for opt in optimizers]
+        schedulers = [self.lr_scheduler_factory(opt) for opt in optimizers[: self.num_blocks]]
+        schedulers += [self.shared_lr_scheduler_factory(opt) for opt in optimizers[self.num_blocks:]]
+        return optimizers, schedulers
 
     def _optimizers_and_schedulers(self, block: int) -> tuple[list, list]:
         """The optimizers (and schedulers) that step when ``block`` trains: its own, then shared."""
