@@ -85,3 +85,24 @@ def test_the_fine_tuning_arms_share_model_data_and_layer_updates():
         lora = arm["model"]["init_args"]["network"]["init_args"].get("lora_rank", 0)
         assert (lora > 0) == name.endswith("lora"), name
     assert arms["b3_anchor"]["model"]["init_args"]["anchor_weight"] > 0
+
+
+@pytest.mark.parametrize("blockwise, e2e", [("cifar100_vit_b3", "cifar100_vit_e2e"), ("tiny_imagenet_vit_b2", "tiny_imagenet_vit_e2e"),
+                                            ("fashion_mnist_vit_b3", "fashion_mnist_vit_e2e")])
+def test_vit_twins_have_equal_layer_updates_data_network_and_block_schedule(blockwise, e2e):
+    """Table 1 / A1 and the CPU pair: B times the steps, the same data, the same ViT (but its noise
+    conditioning), the same optimizer and per-block LR schedule; the shared part's schedule B times longer."""
+    def load(stem):
+        return yaml.safe_load((EXPERIMENTS[0].parent / f"{stem}.yaml").read_text())
+
+    b, e = load(blockwise), load(e2e)
+    blocks = b["model"]["init_args"]["num_blocks"]
+    budget = "max_epochs" if "max_epochs" in b["trainer"] else "max_steps"
+    assert b["trainer"][budget] == blocks * e["trainer"][budget]
+    assert b["data"] == e["data"]
+    nb, ne = dict(b["model"]["init_args"]["network"]["init_args"]), dict(e["model"]["init_args"]["network"]["init_args"])
+    assert (nb.pop("noise_conditioning"), ne.pop("noise_conditioning")) == (True, False) and nb == ne
+    for key in ("optimizer", "lr_scheduler", "gradient_clip_val"):
+        assert b["model"]["init_args"][key] == e["model"]["init_args"][key], key
+    block, shared = (b["model"]["init_args"][k]["init_args"] for k in ("lr_scheduler", "shared_lr_scheduler"))
+    assert shared == {k: blocks * v for k, v in block.items()}
