@@ -153,7 +153,10 @@ class RecurrentDepthLlama(Llama):
 
     # -- the Huginn baseline ----------------------------------------------------------------------
     def initial_state(self, shape, generator: Generators, like: torch.Tensor) -> torch.Tensor:
-        """s_0 ~ N(0, state_init_std^2) [shape], drawn on the CPU (one generator, one per sample, or the global RNG)."""
+        """s_0 ~ N(0, state_init_std^2) [shape], drawn on the CPU (one generator, one per sample, or the global RNG);
+        std 0: zeros, drawing nothing."""
+        if self.state_init_std == 0:
+            return like.new_zeros(shape)
         return (randn(shape, generator) * self.state_init_std).to(device=like.device, dtype=like.dtype)
 
     def core_step(self, s: torch.Tensor, e: torch.Tensor, c: TextContext) -> torch.Tensor:
