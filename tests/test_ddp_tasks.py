@@ -200,3 +200,21 @@ def test_blockwise_ddp_all_reduces_only_the_trained_block_and_the_shared_part(tm
     reference = torch.load(ddp / "rank0.pt")["state"]
     for name, value in ranks[0]["state"].items():
         torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_vit_label_diffusion_on_two_processes_gives_the_one_process_accuracy(tmp_path, capsys, monkeypatch):
+    """Classification by label diffusion: the chained prediction's starting noise and the routed loss's
+    draws are seeded by the batch's index in the split, so test/acc, test/ce and test/loss equal one process's."""
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    write_idx_gz(tmp_path / "fm" / "FashionMNIST" / "raw", n_train=12, n_test=7)
+    model = {"class_path": "dbl.training.LabelDiffusionModule",
+             "init_args": {"network": {"class_path": "dbl.models.ViT",
+                                       "init_args": {"num_classes": 10, "image_size": 28, "in_channels": 1, "patch_size": 7,
+                                                     "hidden_size": 16, "depth": 3, "num_heads": 2, "mlp_hidden": 32}},
+                           "num_blocks": 3}}
+    data = {"class_path": "dbl.data.FashionMNISTClassificationDataModule",
+            "init_args": {"root": str(tmp_path / "fm"), "cache_dir": str(tmp_path / "cache"), "batch_size": 4,
+                          "eval_batch_size": 2, "val_fraction": 0.25}}
+    two, one = _fit_and_test_on_two_processes(_config(model, data, tmp_path), tmp_path, capsys)
+    for name in ("test/acc", "test/ce", "test/loss", "test/denoising_ce"):
+        assert two[name] == pytest.approx(one[name], rel=1e-6, abs=0), name
