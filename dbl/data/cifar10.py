@@ -2,32 +2,22 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
-import torch
 from torchvision.datasets import CIFAR10
 
 from dbl.data.checks import check_loader_options
-from dbl.data.images import InMemoryImageDataModule, check_val_fraction, default_cache_dir, is_writable
-from dbl.errors import MissingDataError, UsageError
+from dbl.data.cifar import CIFARDataModule, OptionalChecksums
+from dbl.data.images import check_val_fraction, default_cache_dir, is_writable
 
 BATCH_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch", "batches.meta")
 
 
-class _CIFAR10(CIFAR10):
-    """torchvision's reader; with ``verify_checksums=False`` it checks only that the files exist
-    (torchvision always compares md5s, which rejects re-packed or hand-made copies)."""
-
-    def __init__(self, root: str, train: bool, download: bool = False, verify_checksums: bool = True):
-        if not verify_checksums:
-            self.train_list = [(name, None) for name, _ in CIFAR10.train_list]
-            self.test_list = [(name, None) for name, _ in CIFAR10.test_list]
-            self.meta = {**CIFAR10.meta, "md5": None}
-        super().__init__(root, train=train, download=download)
+class _CIFAR10(OptionalChecksums, CIFAR10):
+    """torchvision's CIFAR-10 reader; ``verify_checksums=False`` skips its md5s (``OptionalChecksums``)."""
 
 
-class CIFAR10DataModule(InMemoryImageDataModule):
+class CIFAR10DataModule(CIFARDataModule):
     """CIFAR-10 as ``(image [3, 32, 32] in [-1, 1], label)`` batches, read by torchvision.
 
     Args:
@@ -49,6 +39,10 @@ class CIFAR10DataModule(InMemoryImageDataModule):
     """
 
     reference_name = "cifar10"
+    reader = _CIFAR10
+    files = BATCH_FILES
+    display_name = "CIFAR-10"
+    file_kind = "python batch"
 
     def __init__(
         self,
@@ -73,56 +67,8 @@ class CIFAR10DataModule(InMemoryImageDataModule):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else (
             self.root if is_writable(self.root) else default_cache_dir("cifar10"))
 
-    def _present(self) -> bool:
-        return all((self.root / CIFAR10.base_folder / name).exists() for name in BATCH_FILES)
-
-    def _missing(self, why: str) -> MissingDataError:
-        return MissingDataError(
-            f"CIFAR-10 not found in {self.root / CIFAR10.base_folder} ({why}): put the python version there "
-            f"({', '.join(BATCH_FILES)}; unpack cifar-10-python.tar.gz into {self.root})"
-        )
-
-    def prepare_data(self) -> None:
-        if self._present():
-            return
-        if not self.hparams.download:
-            raise self._missing("download is off")
-        try:
-            _CIFAR10(str(self.root), train=True, download=True, verify_checksums=self.hparams.verify_checksums)
-        except (OSError, RuntimeError) as err:  # URLError is an OSError
-            raise self._missing(f"download failed: {type(err).__name__}: {err}") from err
-
-    def _unreadable(self, err: Exception) -> UsageError:
-        """A file that is not a CIFAR-10 python batch (truncated, corrupt): name the first such file."""
-        folder = self.root / CIFAR10.base_folder
-        for name in BATCH_FILES:
-            try:
-                with open(folder / name, "rb") as f:
-                    batch = pickle.load(f, encoding="latin1")
-                if name != "batches.meta" and ("data" not in batch or len(batch["data"]) != len(batch["labels"])):
-                    raise ValueError("no data and labels of equal length")
-            except Exception as file_err:  # whatever is wrong with it, this is the file to replace
-                err = file_err
-                break
-        else:
-            name = "?"
-        return UsageError(f"{folder / name} is not a CIFAR-10 python batch ({type(err).__name__}: {err}); replace it "
-                          f"(unpack cifar-10-python.tar.gz again into {self.root})")
-
-    def _load(self, split: str) -> None:
-        if split in self._images:
-            return
-        if not self._present():
-            raise self._missing("no files")
-        try:
-            ds = _CIFAR10(str(self.root), train=split == "train", verify_checksums=self.hparams.verify_checksums)
-        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
-            raise MissingDataError(
-                f"CIFAR-10 files in {self.root / CIFAR10.base_folder} do not match the official md5s; "
-                f"replace them, or set verify_checksums: false for a re-packed copy"
-            ) from err
-        except (pickle.UnpicklingError, EOFError, ValueError, KeyError, AttributeError, ImportError, IndexError) as err:
-            raise self._unreadable(err) from None
-        self._images[split] = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # HWC -> CHW, uint8
-        self._labels[split] = torch.tensor(ds.targets, dtype=torch.long)
-
+    @staticmethod
+    def check_file(name: str, content) -> None:
+        """A data batch holds ``data`` and ``labels`` of equal length (``batches.meta``: any pickle)."""
+        if name != "batches.meta" and ("data" not in content or len(content["data"]) != len(content["labels"])):
+            raise ValueError("no data and labels of equal length")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import shutil
 import tempfile
 import zipfile
@@ -32,10 +31,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision.datasets import CIFAR100
 
 from dbl.data.checks import check_loader_options
+from dbl.data.cifar import CIFARDataModule, OptionalChecksums
 from dbl.data.download import atomic_path, download
 from dbl.data.fashion_mnist import FashionMNISTDataModule
 from dbl.data.images import (
@@ -150,21 +150,6 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
 # -- the shared base --------------------------------------------------------------------------------
 
 
-class LabelledUInt8Images(Dataset):
-    """``(uint8 image [C, H, W], label)`` items of uint8 [N, C, H, W] images and long [N] labels."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, i: int):
-        return self.images[i], self.labels[i]
-
-
 class ClassificationImageDataModule(InMemoryImageDataModule):
     """Labelled uint8 images in memory, as normalised classification batches.
 
@@ -185,6 +170,7 @@ class ClassificationImageDataModule(InMemoryImageDataModule):
     channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    scale_images = False  # the datasets yield the uint8 images; on_after_batch_transfer normalises
 
     @property
     def augmentation(self) -> Augmentation:
@@ -213,10 +199,6 @@ class ClassificationImageDataModule(InMemoryImageDataModule):
         images, labels = batch
         return self.normalize(images), labels
 
-    def _dataset(self, split: str) -> LabelledUInt8Images:
-        plain = super()._dataset(split)  # the split's images and labels; its items would be [-1, 1] floats
-        return LabelledUInt8Images(plain.images, plain.labels)
-
     def predict_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
 
@@ -234,18 +216,11 @@ def _check_options(val_fraction: float, batch_size: int, eval_batch_size: int | 
 CIFAR100_FILES = ("train", "test", "meta")
 
 
-class _CIFAR100(CIFAR100):
-    """torchvision's reader; with ``verify_checksums=False`` it checks only that the files exist."""
-
-    def __init__(self, root: str, train: bool, download: bool = False, verify_checksums: bool = True):
-        if not verify_checksums:
-            self.train_list = [(name, None) for name, _ in CIFAR100.train_list]
-            self.test_list = [(name, None) for name, _ in CIFAR100.test_list]
-            self.meta = {**CIFAR100.meta, "md5": None}
-        super().__init__(root, train=train, download=download)
+class _CIFAR100(OptionalChecksums, CIFAR100):
+    """torchvision's CIFAR-100 reader; ``verify_checksums=False`` skips its md5s (``OptionalChecksums``)."""
 
 
-class CIFAR100DataModule(ClassificationImageDataModule):
+class CIFAR100DataModule(ClassificationImageDataModule, CIFARDataModule):
     """CIFAR-100 (50,000 train / 10,000 test, 32x32 RGB, 100 fine classes), read by torchvision.
 
     Batches are ``(images [N, 3, 32, 32] normalised by CIFAR-100's mean (0.5071, 0.4865, 0.4409)
@@ -280,6 +255,10 @@ class CIFAR100DataModule(ClassificationImageDataModule):
     mean = CIFAR100_MEAN
     std = CIFAR100_STD
     reference_name = "cifar100"
+    reader = _CIFAR100
+    files = CIFAR100_FILES
+    display_name = "CIFAR-100"
+    file_kind = "python file"
 
     def __init__(
         self,
@@ -306,61 +285,13 @@ class CIFAR100DataModule(ClassificationImageDataModule):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else (
             self.root if is_writable(self.root) else default_cache_dir("cifar100"))
 
-    @property
-    def folder(self) -> Path:
-        return self.root / CIFAR100.base_folder
-
-    def _present(self) -> bool:
-        return all((self.folder / name).exists() for name in CIFAR100_FILES)
-
-    def _missing(self, why: str) -> MissingDataError:
-        return MissingDataError(
-            f"CIFAR-100 not found in {self.folder} ({why}): put the python version there "
-            f"({', '.join(CIFAR100_FILES)}; unpack cifar-100-python.tar.gz into {self.root})"
-        )
-
-    def prepare_data(self) -> None:
-        if self._present():
-            return
-        if not self.hparams.download:
-            raise self._missing("download is off")
-        try:
-            _CIFAR100(str(self.root), train=True, download=True, verify_checksums=self.hparams.verify_checksums)
-        except (OSError, RuntimeError) as err:  # URLError is an OSError; RuntimeError: md5 mismatch
-            raise self._missing(f"download failed: {type(err).__name__}: {err}") from err
-
-    def _unreadable(self, err: Exception) -> UsageError:
-        """A file that is not a CIFAR-100 python pickle (truncated, corrupt): name the first such file."""
-        name = "?"
-        for candidate in CIFAR100_FILES:
-            try:
-                with open(self.folder / candidate, "rb") as f:
-                    content = pickle.load(f, encoding="latin1")
-                key = "fine_label_names" if candidate == "meta" else "fine_labels"
-                if key not in content or (candidate != "meta" and len(content["data"]) != len(content[key])):
-                    raise ValueError(f"no {key}" if key not in content else "data and fine_labels differ in length")
-            except Exception as file_err:  # whatever is wrong with it, this is the file to replace
-                err, name = file_err, candidate
-                break
-        return UsageError(f"{self.folder / name} is not a CIFAR-100 python file ({type(err).__name__}: {err}); replace "
-                          f"it (unpack cifar-100-python.tar.gz again into {self.root})")
-
-    def _load(self, split: str) -> None:
-        if split in self._images:
-            return
-        if not self._present():
-            raise self._missing("no files")
-        try:
-            ds = _CIFAR100(str(self.root), train=split == "train", verify_checksums=self.hparams.verify_checksums)
-        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
-            raise MissingDataError(
-                f"CIFAR-100 files in {self.folder} do not match the official md5s; "
-                f"replace them, or set verify_checksums: false for a re-packed copy"
-            ) from err
-        except (pickle.UnpicklingError, EOFError, ValueError, KeyError, AttributeError, ImportError, IndexError) as err:
-            raise self._unreadable(err) from None
-        self._images[split] = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # HWC -> CHW, uint8
-        self._labels[split] = torch.tensor(ds.targets, dtype=torch.long)
+    @staticmethod
+    def check_file(name: str, content) -> None:
+        """``train`` and ``test`` hold ``data`` and ``fine_labels`` of equal length, ``meta`` holds
+        ``fine_label_names``."""
+        key = "fine_label_names" if name == "meta" else "fine_labels"
+        if key not in content or (name != "meta" and len(content["data"]) != len(content[key])):
+            raise ValueError(f"no {key}" if key not in content else "data and fine_labels differ in length")
 
 
 # -- Tiny-ImageNet-200 ------------------------------------------------------------------------------

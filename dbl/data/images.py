@@ -61,18 +61,21 @@ def pick_view_at_random(views: torch.Tensor) -> torch.Tensor:
 
 
 class UInt8ImageDataset(Dataset):
-    """``(image in [-1, 1] float32 [C, H, W], label)`` from a uint8 tensor [N, C, H, W]."""
+    """``(image, label)`` items of uint8 images [N, C, H, W] and long labels [N]: each image as
+    float32 [C, H, W] in [-1, 1] (``x / 127.5 - 1``), or with ``scale=False`` the uint8 [C, H, W]
+    image as stored (the classification data modules normalise whole batches later)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, scale: bool = True):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
-        self.images, self.labels = images, labels
+        self.images, self.labels, self.scale = images, labels, scale
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def __getitem__(self, i: int):
-        return self.images[i].float() / 127.5 - 1.0, self.labels[i]
+        image = self.images[i]
+        return (image.float() / 127.5 - 1.0 if self.scale else image), self.labels[i]
 
 
 class UInt8Images(Dataset):
@@ -130,7 +133,8 @@ class InMemoryImageDataModule(L.LightningDataModule):
     A subclass saves its hyperparameters (``batch_size``, ``eval_batch_size``, ``random_flip``,
     ``val_fraction``, ``seed``, ``num_predict``, ``num_workers``), sets ``cache_dir`` and
     ``reference_name``, and fills ``self._images[split]`` / ``self._labels[split]`` in
-    ``_load(split)`` for ``train`` and ``test``.
+    ``_load(split)`` for ``train`` and ``test``. The datasets' items are images in [-1, 1], or
+    with ``scale_images = False`` the uint8 images as stored (``UInt8ImageDataset``).
 
     Validation uses ``val_fraction`` of the official training images, held out from training by a
     random permutation seeded with ``seed`` (the same split on every run and rank); training uses
@@ -141,6 +145,7 @@ class InMemoryImageDataModule(L.LightningDataModule):
 
     num_classes = 10
     reference_name = ""
+    scale_images = True
     cache_dir: Path
 
     def __init__(self):
@@ -182,7 +187,7 @@ class InMemoryImageDataModule(L.LightningDataModule):
         else:
             index = self.split_indices()[split == "val"]
             images, labels = self._images["train"][index], self._labels["train"][index]
-        return UInt8ImageDataset(images, labels)
+        return UInt8ImageDataset(images, labels, scale=self.scale_images)
 
     def train_dataloader(self) -> DataLoader:
         return StatefulDataLoader(self._dataset("train"), batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
