@@ -21,6 +21,19 @@ def test_cdf_grid_has_equal_mass_steps():
     assert torch.allclose(steps, steps.mean().expand_as(steps), rtol=1e-6)
 
 
+def test_cdf_midpoint_grid_sits_at_the_middle_of_each_equal_mass_cell():
+    """N = 2: the quartiles 3/4 and 1/4 of the mass, which are the spec's B = 4 boundaries 0.6766 and 0.1341;
+    N = 3: one point inside each B = 3 block's nominal range, the middle one at the median 0.3012."""
+    from dbl.diffusion.partition import make_partition
+    from dbl.diffusion.sigma import LogNormal
+
+    assert sigma_grid(2, "cdf_midpoint").tolist() == pytest.approx([0.6766, 0.1341, 0.0], abs=1e-4)
+    g = sigma_grid(3, "cdf_midpoint")
+    assert g[1].item() == pytest.approx(0.3012, abs=1e-4) and g[-1] == 0
+    partition = make_partition("equiprobable", 3, 0.0, 0.002, 80.0, LogNormal())
+    assert [partition.block_of(s).item() for s in g[:3]] == [0, 1, 2]
+
+
 def test_euler_step_with_perfect_denoiser_lands_on_next_level():
     """Data is one point y; the perfect denoiser returns y, so z = y + s_i eps -> y + s_{i+1} eps."""
     y = torch.tensor([[0.3, -0.7]])

@@ -30,7 +30,7 @@ from dbl.diffusion.sigma import LogNormal
 from dbl.errors import UsageError
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-GridKind = Literal["cdf", "karras"]
+GridKind = Literal["cdf", "cdf_midpoint", "karras"]
 Solver = Literal["euler", "heun", "dpmpp_2m", "euler_ancestral", "lms", "dpmpp_2s_ancestral"]  # = SOLVERS
 # dbl's name -> k-diffusion's sampling function
 K_DIFFUSION_SOLVERS = {
@@ -51,10 +51,14 @@ def sigma_grid(
     density: LogNormal = LogNormal(),
     rho: float = 7.0,
 ) -> torch.Tensor:
-    """Descending grid s_0 = sigma_max > ... > s_{N-1} = sigma_min, then s_N = 0 (N + 1 values, float64).
+    """Descending grid s_0 > ... > s_{N-1}, then s_N = 0 (N + 1 values, float64); ``cdf`` and ``karras``
+    run from s_0 = sigma_max to s_{N-1} = sigma_min.
 
     ``cdf``: equal steps of the truncated log-normal's CDF mass (the official code's grid), so
     every block gets a share of the steps proportional to its training mass.
+    ``cdf_midpoint``: the range cut into N cells of equal CDF mass, one point at the middle (in mass)
+    of each; with N = B under the equi-probability partition, one point at the centre of each block's
+    training mass. It starts below sigma_max (then z = s_0 * noise), where the top block has trained.
     ``karras``: EDM's rho-schedule, (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho.
     """
     if num_steps < 1:
@@ -64,11 +68,14 @@ def sigma_grid(
         q_hi, q_lo = density.cdf(sigma_max), density.cdf(sigma_min)
         sigmas = density.icdf(q_hi + (q_lo - q_hi) * frac)
         sigmas[0], sigmas[-1] = sigma_max, sigma_min if num_steps > 1 else sigma_max
+    elif kind == "cdf_midpoint":
+        q_hi, q_lo = density.cdf(sigma_max), density.cdf(sigma_min)
+        sigmas = density.icdf(q_hi + (q_lo - q_hi) * (torch.arange(num_steps, dtype=torch.float64) + 0.5) / num_steps)
     elif kind == "karras":
         a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
         sigmas = (a + frac * (b - a)) ** rho
     else:
-        raise UsageError(f"unknown sigma grid {kind!r}; choose 'cdf' or 'karras'")
+        raise UsageError(f"unknown sigma grid {kind!r}; choose 'cdf', 'cdf_midpoint' or 'karras'")
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
