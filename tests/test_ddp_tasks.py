@@ -218,3 +218,29 @@ def test_vit_label_diffusion_on_two_processes_gives_the_one_process_accuracy(tmp
     two, one = _fit_and_test_on_two_processes(_config(model, data, tmp_path), tmp_path, capsys)
     for name in ("test/acc", "test/ce", "test/loss", "test/denoising_ce"):
         assert two[name] == pytest.approx(one[name], rel=1e-6, abs=0), name
+
+
+def _recurrent() -> dict:
+    return {"class_path": "dbl.models.recurrent.RecurrentDepthLlama",
+            "init_args": {"vocab_size": len(WORDS) + 5, "hidden_size": 32, "num_heads": 2, "prelude_depth": 1, "core_depth": 2,
+                          "coda_depth": 1}}
+
+
+def test_recurrent_depth_baseline_on_two_processes_gives_the_one_process_perplexity(tmp_path, capsys, monkeypatch):
+    """Truncated back-propagation: every process draws the same r at a step (the adapter is used, the
+    noise conditioning is not); the test initial state is seeded by the batch's index in the split."""
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    model = {"class_path": "dbl.training.recurrent.RecurrentDepthLMModule",
+             "init_args": {"network": _recurrent(), "mean_iterations": 3, "backprop_iterations": 2, "eval_iterations": 3}}
+    two, one = _fit_and_test_on_two_processes(_config(model, _lm1b(tmp_path), tmp_path), tmp_path, capsys)
+    assert two["test/ppl"] == pytest.approx(one["test/ppl"], rel=1e-6, abs=0)
+
+
+def test_recurrent_depth_diffusion_on_two_processes_gives_the_one_process_loss(tmp_path, capsys, monkeypatch):
+    """B = 1 over the recurrence: the baseline's adapter gets no gradient, which DDP must be told."""
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    model = {"class_path": "dbl.training.autoregressive.ARDiffusionLMModule",
+             "init_args": {"network": _recurrent(), "num_blocks": 1, "sample_steps": 2}}
+    two, one = _fit_and_test_on_two_processes(_config(model, _lm1b(tmp_path), tmp_path), tmp_path, capsys)
+    assert two["test/loss"] == pytest.approx(one["test/loss"], rel=1e-6, abs=0)
+    assert two["test/ce"] == pytest.approx(one["test/ce"], rel=1e-6, abs=0)

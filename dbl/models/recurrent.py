@@ -22,8 +22,8 @@ One network, two ways to train it:
   (next-token) mode: modulated by the clean conditioning vector, no noise.
 
 The adapter is used by the baseline only, and the noise embedder / ``noisy_in`` / ``out`` by the
-diffusion only: each training leaves the other's parameters without gradients (DDP needs
-``find_unused_parameters`` for the diffusion run; the baseline module turns it on by itself).
+diffusion only: each training leaves the other's parameters without gradients, so both modules turn
+on DDP's ``find_unused_parameters`` (``diffusion_leaves_parameters_unused`` tells ``ARDiffusionLMModule``).
 """
 
 from __future__ import annotations
@@ -83,6 +83,8 @@ class RecurrentDepthLlama(Llama):
             init) and the noisy state of the diffusion run is unit-scale too, so the default 1.0 puts
             s_0 at the inputs' scale, as Huginn does (plain normal: the truncation touches 0.3% of draws).
     """
+
+    diffusion_leaves_parameters_unused = True  # the adapter: only the baseline's recurrence uses it
 
     def __init__(
         self,

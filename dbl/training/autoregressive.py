@@ -152,6 +152,12 @@ class ARDiffusionLMModule(_LanguageModel, EDMDiffusionModule):
         self.eval_metrics = per_stage(lambda: {"loss": MeanMetric(), "ce": MeanMetric(), "block_ce": PerBlockMean(self.num_blocks),
                                                "nll": SumMetric(), "tokens": SumMetric()})
 
+    @property
+    def leaves_parameters_unused(self) -> bool:
+        # besides other blocks' layers: parts of the network that only another training uses
+        # (``RecurrentDepthLlama``'s adapter belongs to its truncated back-propagation baseline)
+        return super().leaves_parameters_unused or getattr(self.network.net, "diffusion_leaves_parameters_unused", False)
+
     # -- the objective ---------------------------------------------------------------------
     def logits(self, tokens: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, block: int,
                clean_hidden: list | None = None) -> torch.Tensor:
