@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from dbl.cli import main
-from dbl.diffusion.preconditioning import edm_scalings, loss_weight
+from dbl.diffusion.preconditioning import edm_scalings
 from dbl.errors import UsageError
 from dbl.models import ViT
 from dbl.training import LabelDiffusionModule, ViTClassifierModule
@@ -190,6 +190,8 @@ class _Data(L.LightningDataModule):
     def val_dataloader(self):
         return DataLoader(TensorDataset(self.images, self.labels), batch_size=4)
 
+    predict_dataloader = val_dataloader
+
 
 def _trainer(tmp_path, **kw):
     return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -268,3 +270,18 @@ def test_info_on_the_paper_configs_needs_no_data(tmp_path, monkeypatch, capsys, 
     out = capsys.readouterr().out
     assert "Estimated memory of one training step, batch" in out
     assert list(tmp_path.iterdir()) == []
+
+
+def test_dbl_predict_writes_each_images_predicted_class_and_label(tmp_path, capsys):
+    from dbl.callbacks import ClassPredictionWriter
+
+    torch.manual_seed(0)
+    module = LabelDiffusionModule(randomized(tiny_vit()), num_blocks=3)
+    images, labels = batch()
+    _trainer(tmp_path, callbacks=[ClassPredictionWriter(str(tmp_path / "out"))]).predict(module, datamodule=_Data(images, labels))
+    module.eval()
+    predicted = torch.cat([module.predict_logits(images[:4], 0), module.predict_logits(images[4:], 1)]).argmax(-1)
+    rows = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
+    assert rows == ["index,predicted,label"] + [f"{i},{p},{y}" for i, (p, y) in enumerate(zip(predicted.tolist(), labels.tolist()))]
+    accuracy = (predicted == labels).float().mean().item()
+    assert f"6 predictions in {tmp_path / 'out' / 'predictions.csv'} (accuracy {accuracy:.4f})" in capsys.readouterr().out

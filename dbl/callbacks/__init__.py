@@ -1,6 +1,7 @@
 """Callbacks: extension points around training and evaluation."""
 
 from dbl.callbacks.checkpoints import ModelCheckpoint, OnExceptionCheckpoint
+from dbl.callbacks.classification import ClassPredictionWriter
 from dbl.callbacks.ema import EMA
 from dbl.callbacks.fid import FID
 from dbl.callbacks.lm_generation import ContinuationWriter, LMGenerationMetrics
@@ -9,6 +10,6 @@ from dbl.callbacks.memory import MemoryMonitor
 from dbl.callbacks.samples import ImagePredictionWriter, SampleGrid
 
 __all__ = [
-    "EMA", "FID", "ContinuationWriter", "LMGenerationMetrics", "ImagePredictionWriter", "MemoryMonitor", "ModelCheckpoint",
+    "ClassPredictionWriter", "EMA", "FID", "ContinuationWriter", "LMGenerationMetrics", "ImagePredictionWriter", "MemoryMonitor", "ModelCheckpoint",
     "OnExceptionCheckpoint", "SampleGrid", "MaskedTextPredictionWriter", "MaskedTextSamples",
 ]
