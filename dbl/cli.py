@@ -1,9 +1,11 @@
-"""``dbl fit|validate|test|predict|info|export --config run.yaml``: LightningCLI, plus ``info`` and ``export``.
+"""``dbl fit|validate|test|predict|info|export|diagnose --config run.yaml``: LightningCLI, plus ``info``, ``export``
+and ``diagnose``.
 
 The YAML is the whole experiment (model, data, trainer, callbacks). ``info`` builds the same
 objects and prints the blocks, their noise ranges, parameter counts and the estimated memory of a
 training step, without training. ``export --ckpt_path <ckpt> --out <dir>`` writes a trained
-checkpoint as a folder to share and load back (``dbl.export``).
+checkpoint as a folder to share and load back (``dbl.export``). ``diagnose --ckpt_path <ckpt> [--twin e2e.yaml
+--twin_ckpt <ckpt>]`` writes a report of what each block does (``dbl.diagnose``, ``dbl.diagnostics_cli``).
 """
 
 from __future__ import annotations
@@ -109,10 +111,36 @@ class Trainer(L.Trainer):
         print(f"dbl: exported {ckpt_path} to {path}", file=sys.stderr)
 
 
+    def diagnose(self, model: L.LightningModule, datamodule: L.LightningDataModule | None = None,
+                 ckpt_path: str | None = None, twin: str | None = None, twin_ckpt: str | None = None,
+                 out: str | None = None, levels: int = 40, batch_size: int = 64, samples: int = 4, seed: int = 0,
+                 progress: bool = True) -> None:
+        """Write a report of what each block does (``dbl.diagnose``): the loss of every block at every noise
+        level, the hand-overs, sampling trajectories and a per-block table; Markdown with PNG figures, the same
+        figures in the run's TensorBoard folder.
+
+        Args:
+            ckpt_path: the checkpoint, or ``last``: this experiment's newest.
+            twin: the YAML of the same task trained end to end (``num_blocks: 1``): its curve joins the map.
+            twin_ckpt: the twin's checkpoint.
+            out: the report's folder; default ``<run>/diagnose`` next to the checkpoint's run.
+            levels: noise levels of the competence map (40 or more span the range).
+            batch_size: validation samples every evaluation uses (the first of the validation split).
+            samples: samples drawn for the trajectories.
+            seed: seed of the noise draws (the same for every block and for the twin).
+            progress: show a progress bar.
+        """
+        from dbl.diagnostics_cli import run_diagnose
+
+        path = run_diagnose(model, datamodule, ckpt_path, twin, twin_ckpt, out, levels, batch_size, samples, seed, progress)
+        print(f"dbl: diagnose report written to {path}", file=sys.stderr)
+
+
 class DBLCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "info": {"model", "datamodule"}, "export": {"model", "datamodule"}}
+        return {**LightningCLI.subcommands(), "info": {"model", "datamodule"}, "export": {"model", "datamodule"},
+                "diagnose": {"model", "datamodule"}}
 
     def before_instantiate_classes(self) -> None:
         # export reads a checkpoint and writes files: its options are checked before the model is built (which
@@ -122,6 +150,13 @@ class DBLCLI(LightningCLI):
 
             options = self.config["export"]
             check_export_options(options.get("ckpt_path"), options.get("out"), options.get("overwrite"))
+            trainer = options["trainer"]
+            trainer["accelerator"], trainer["devices"], trainer["strategy"] = "cpu", 1, "auto"
+        if self.config.get("subcommand") == "diagnose":  # its own device choice (dbl.diagnostics_cli), any machine
+            from dbl.diagnostics_cli import check_diagnose_options
+
+            options = self.config["diagnose"]
+            check_diagnose_options(options)
             trainer = options["trainer"]
             trainer["accelerator"], trainer["devices"], trainer["strategy"] = "cpu", 1, "auto"
 
@@ -175,7 +210,7 @@ class DBLCLI(LightningCLI):
         print(f"dbl: --ckpt_path last: using {found}", file=sys.stderr)
         config["ckpt_path"] = str(found)
 
-    before_validate = before_test = before_predict = before_export = _resolve_last_checkpoint
+    before_validate = before_test = before_predict = before_export = before_diagnose = _resolve_last_checkpoint
 
     def before_fit(self) -> None:
         """Re-running an interrupted experiment's command resumes it (preemption, a crash, a hard kill):

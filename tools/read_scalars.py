@@ -16,16 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from dbl.scalars import load
 
 EVALUATION_PREFIXES = ("val", "test", "fid")
-
-
-def load(logdir: str) -> dict[str, list[tuple[int, float]]]:
-    """{tag: [(step, value), ...]} of every scalar in a run's event files."""
-    acc = EventAccumulator(logdir, size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def layer_updates(scalars: dict[str, list[tuple[int, float]]]) -> str:

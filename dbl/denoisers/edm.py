@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from dbl.denoisers.chain import BlockChain
@@ -78,11 +80,13 @@ class EDMDenoiser(BlockChain):
         null_cond=None,
         cfg_scale: float = 1.0,
         generator: Generators = None,
+        hook: Callable[[Denoiser], Denoiser] | None = None,
     ) -> torch.Tensor:
         """Integrate from z = noise * sigmas[0] down ``sigmas``; every step calls the block that owns
-        its sigma, so the number of steps never depends on B. With ``null_cond``, guidance at ``cfg_scale``."""
+        its sigma, so the number of steps never depends on B. With ``null_cond``, guidance at ``cfg_scale``.
+        ``hook``: wraps the denoiser the solver calls (``dbl.diagnose.StepRecorder`` records each call)."""
         if null_cond is None:
             denoiser = lambda z, sigma: self(z, sigma, cond)  # noqa: E731
         else:
             denoiser = self.guided(cond, null_cond, cfg_scale)
-        return sample(denoiser, noise, sigmas, solver, generator)
+        return sample(denoiser if hook is None else hook(denoiser), noise, sigmas, solver, generator)

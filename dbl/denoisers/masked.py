@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from dbl.denoisers.chain import BlockChain
-from dbl.diffusion.masked import MaskingSchedule, TimePartition, ancestral_sample, uniform_in
+from dbl.diffusion.masked import LogitsFn, MaskingSchedule, TimePartition, ancestral_sample, uniform_in
 from dbl.models.blockwise import BlockwiseNetwork
 
 
@@ -34,7 +36,9 @@ class MaskedDenoiser(BlockChain):
         return self.route(t, lambda index, owner: self(z[index], t[index], owner))
 
     def sample(self, num_samples: int, length: int, num_steps: int, generator: torch.Generator | None = None,
-               device=None) -> torch.Tensor:
+               device=None, hook: Callable[[LogitsFn], LogitsFn] | None = None) -> torch.Tensor:
         """[num_samples, length] token ids by ancestral sampling from t = 1 (all masked) down to 0;
-        each step calls the block that owns its t."""
-        return ancestral_sample(self, num_samples, length, self.schedule, self.mask_id, num_steps, generator, device)
+        each step calls the block that owns its t. ``hook``: wraps the logits function the sampler calls
+        (``dbl.diagnose.StepRecorder`` records each call)."""
+        return ancestral_sample(self if hook is None else hook(self), num_samples, length, self.schedule, self.mask_id,
+                                num_steps, generator, device)

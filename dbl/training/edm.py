@@ -9,6 +9,7 @@ block that owns it. A task subclass adds only its per-sample loss and its metric
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -96,6 +97,22 @@ class EDMDiffusionModule(BlockwiseLightningModule):
         noise = torch.randn(noise_shape, generator=gen).to(device)
         loss = chain.route(sigma, lambda index, block: per_sample_loss(index, sigma[index], noise[index], block))
         return chain.owner(sigma), loss, loss_weight(sigma, chain.sigma_data) * loss
+
+    # -- diagnostics (dbl.diagnose): what every EDM task shares ---------------------------
+    def diagnostic_levels(self, n: int) -> torch.Tensor:
+        """[n] sigma evenly spaced in log from sigma_max down to sigma_min (noisiest first), float64."""
+        chain = self.denoiser
+        return torch.logspace(math.log10(chain.sigma_max), math.log10(chain.sigma_min), n, dtype=torch.float64)
+
+    def diagnostic_draws(self, n: int, level: float, noise_shape: tuple[int, ...], generator: torch.Generator,
+                         device) -> tuple[torch.Tensor, torch.Tensor]:
+        """sigma [n] all at ``level`` and the noise, drawn from ``generator`` (the same for every block)."""
+        sigma = torch.full((n,), float(level), device=device)
+        return sigma, torch.randn(noise_shape, generator=generator).to(device)
+
+    def diagnostic_weighted(self, loss: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """lambda(sigma) x the per-sample loss: the paper's objective, whatever ``loss_weighting`` trains with."""
+        return loss_weight(sigma, self.denoiser.sigma_data) * loss
 
     def sampler_options(self, **overrides) -> dict:
         """The module's solver defaults with every override that is not None applied."""

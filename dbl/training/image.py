@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from dbl.diagnose import DiagnosticSpec, StepRecorder, Trajectory
 from dbl.diffusion.draws import Generators, randn
 from dbl.errors import UsageError
 from dbl.training.checks import first_item
@@ -88,6 +89,41 @@ class ImageDiffusionModule(EDMDiffusionModule):
     def evaluation_epoch_end(self, stage: str) -> None:
         self.log_per_block(f"{stage}_loss", self.eval_metrics[stage]["block_loss"])
 
+    # -- diagnostics (dbl.diagnose) --------------------------------------------------------
+    def diagnostic_spec(self) -> DiagnosticSpec:
+        return DiagnosticSpec("sigma", True, "mse (per pixel)", "lambda(sigma) x mse",
+                              "RMS distance between the two blocks' denoised images",
+                              "RMS of the solver's update z_next - z", kind="images")
+
+    def diagnostic_loss(self, batch, level: float, block: int, generator: torch.Generator):
+        """[N] mse and lambda(sigma) x mse of ``block`` at sigma = ``level``; noise from ``generator``."""
+        x, labels = batch
+        sigma, noise = self.diagnostic_draws(x.shape[0], level, x.shape, generator, x.device)
+        mse = self.per_sample_loss(x, labels, sigma, noise.to(x), block)
+        return mse, self.diagnostic_weighted(mse, sigma)
+
+    def diagnostic_prediction(self, batch, level: float, block: int, generator: torch.Generator) -> torch.Tensor:
+        """``block``'s denoised images [N, C, H, W] at sigma = ``level`` (the draws of ``diagnostic_loss``)."""
+        x, labels = batch
+        sigma, noise = self.diagnostic_draws(x.shape[0], level, x.shape, generator, x.device)
+        return self.denoiser(self.denoiser.noised(x, sigma, noise.to(x)), sigma, labels, block=block)
+
+    @staticmethod
+    def diagnostic_divergence(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """[N] RMS distance per sample."""
+        return (a.float() - b.float()).pow(2).flatten(1).mean(1).sqrt()
+
+    def diagnostic_trajectory(self, batch, num_samples: int, generator: torch.Generator) -> Trajectory:
+        """``sample`` (the module's solver, grid and guidance) for the first ``num_samples`` labels of ``batch``,
+        recording each denoiser call; per block, the denoised estimate of its last call."""
+        labels = batch[1][:num_samples] if batch[1] is not None and self.num_classes else None
+        recorder = StepRecorder(self.denoiser)
+        final = self.sample(labels=labels, num_samples=num_samples, generator=generator, denoiser_hook=recorder)
+        states = recorder.states
+        updates = [float(self.diagnostic_divergence(recorder.state_after(i, final), states[i]).mean()) for i in range(len(states))]
+        snapshots = {b: recorder.outputs[i] for b, i in recorder.last_calls().items()}
+        return Trajectory(recorder.levels, recorder.blocks, updates, snapshots, final)
+
     # -- sampling --------------------------------------------------------------------------
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -113,11 +149,13 @@ class ImageDiffusionModule(EDMDiffusionModule):
         solver: str | None = None,
         grid: str | None = None,
         cfg_scale: float | None = None,
+        denoiser_hook=None,
     ) -> torch.Tensor:
         """Generate images by chaining the blocks from sigma_max down to 0; [N, C, H, W], data scale.
 
         Each solver step calls only the block whose nominal range holds the current sigma.
         ``generator``: one CPU generator, or one per sample (``dbl.diffusion.draws``). ``num_steps`` and the rest default to the module's ``sample_*`` settings.
+        ``denoiser_hook``: wraps the denoiser the solver calls (``EDMDenoiser.sample``; ``dbl diagnose`` records the steps).
         """
         opts = self.sampler_options(num_steps=num_steps, solver=solver, grid=grid, cfg_scale=cfg_scale)
         n = labels.shape[0] if labels is not None else num_samples
@@ -130,7 +168,8 @@ class ImageDiffusionModule(EDMDiffusionModule):
             labels = labels.to(self.device)
             null = torch.full_like(labels, self.network.net.null_label)
         with self.sampling_mode():
-            return self.denoiser.sample(noise, sigmas, opts["solver"], labels, null, opts["cfg_scale"], generator)
+            return self.denoiser.sample(noise, sigmas, opts["solver"], labels, null, opts["cfg_scale"], generator,
+                                        denoiser_hook)
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         """``batch``: labels (a tensor, or a tuple whose last item is labels); returns images in [-1, 1]."""

@@ -8,12 +8,14 @@ interval holds it, and reports bits per character.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 from torch import nn
 
 from dbl.denoisers import MaskedDenoiser
+from dbl.diagnose import DiagnosticSpec, StepRecorder, Trajectory
 from dbl.diffusion.masked import (
     MASKING_SCHEDULES,
     MaskingSchedule,
@@ -151,6 +153,62 @@ class MaskedDiffusionModule(BlockwiseLightningModule):
     def evaluation_epoch_end(self, stage: str) -> None:
         self.log_per_block(f"{stage}_bpc", self.eval_metrics[stage]["block_bpc"])
 
+    # -- diagnostics (dbl.diagnose) --------------------------------------------------------
+    def diagnostic_spec(self) -> DiagnosticSpec:
+        return DiagnosticSpec("t", False, "CE per masked token (nats)", "ELBO integrand w(t) x CE / L (bits per character)",
+                              "KL(earlier block || later block) per masked token (nats)",
+                              "KL between consecutive steps' predictions per still-masked token (nats)", kind="tokens")
+
+    def diagnostic_levels(self, n: int) -> torch.Tensor:
+        """[n] t at the centres of n equal cells of [0, 1], from t near 1 down (noisiest first): the owner
+        curve of ``diagnostic_loss``'s weighted loss then averages to the model's bits per character."""
+        return 1 - (torch.arange(n, dtype=torch.float64) + 0.5) / n
+
+    def _diagnostic_masked(self, batch, level: float, generator: torch.Generator):
+        x = self._ids(batch)
+        t = torch.full((x.shape[0],), float(level), device=x.device)
+        return x, t, mask_tokens(x, t, self.masking, self.mask_id, generator)
+
+    def diagnostic_loss(self, batch, level: float, block: int, generator: torch.Generator):
+        """[N] CE per masked token (nats) and the ELBO integrand at t = ``level`` in bits per character, by
+        ``block``; the mask drawn from ``generator``."""
+        x, t, z = self._diagnostic_masked(batch, level, generator)
+        ce = masked_cross_entropy(self.denoiser(z, t, block), x, z, self.mask_id)
+        per_token = ce / (z == self.mask_id).sum(1).clamp(min=1)
+        return per_token, nelbo_integrand(ce, t, x.shape[1], self.masking) / math.log(2)
+
+    def diagnostic_prediction(self, batch, level: float, block: int, generator: torch.Generator) -> torch.Tensor:
+        """``block``'s log-probabilities [N, L, V] of the masked positions at t = ``level`` (the mask of
+        ``diagnostic_loss``); NaN at the positions left unmasked, where nothing is predicted."""
+        _, t, z = self._diagnostic_masked(batch, level, generator)
+        logp = self.denoiser(z, t, block).float().log_softmax(-1)
+        return logp.masked_fill((z != self.mask_id).unsqueeze(-1), float("nan"))
+
+    @staticmethod
+    def diagnostic_divergence(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """[N] KL(a || b) in nats, mean over the positions both predict (log-probabilities, NaN elsewhere)."""
+        kl = (a.exp() * (a - b)).sum(-1)
+        valid = ~kl.isnan()
+        return kl.nan_to_num(0.0).sum(1) / valid.sum(1).clamp(min=1)
+
+    def diagnostic_trajectory(self, batch, num_samples: int, generator: torch.Generator) -> Trajectory:
+        """``sample`` (ancestral, the module's steps) recording each call; per block, the estimate of its last
+        call (masked positions filled with the most likely token) and the state its last step left."""
+        recorder = StepRecorder(self.denoiser)
+        final = self.sample(num_samples, generator=generator, denoiser_hook=recorder)
+        logp = [out.float().log_softmax(-1) for out in recorder.outputs]
+        updates = [float("nan")]
+        for i in range(1, len(logp)):
+            masked = recorder.states[i] == self.mask_id
+            prev, cur = (p.masked_fill(~masked.unsqueeze(-1), float("nan")) for p in (logp[i - 1], logp[i]))
+            updates.append(float(self.diagnostic_divergence(cur, prev).mean()))
+        snapshots, notes = {}, {}
+        for b, i in recorder.last_calls().items():
+            state = recorder.states[i]
+            snapshots[b] = torch.where(state == self.mask_id, recorder.outputs[i].argmax(-1), state).cpu()
+            notes[b] = recorder.state_after(i, final).cpu()
+        return Trajectory(recorder.levels, recorder.blocks, updates, snapshots, final.cpu(), notes)
+
     # -- sampling --------------------------------------------------------------------------
     def sample(
         self,
@@ -158,14 +216,16 @@ class MaskedDiffusionModule(BlockwiseLightningModule):
         length: int | None = None,
         num_steps: int | None = None,
         generator: torch.Generator | None = None,
+        denoiser_hook=None,
     ) -> torch.Tensor:
         """Generate [num_samples, length] token ids by chaining the blocks from t = 1 down to 0.
 
         Each step calls only the block that owns the current t; ``num_steps`` does not depend on B.
+        ``denoiser_hook``: wraps the logits function the sampler calls (``dbl diagnose`` records the steps).
         """
         with self.sampling_mode():
             return self.denoiser.sample(num_samples, length or self.sample_length, num_steps or self.sample_steps,
-                                        generator, self.device)
+                                        generator, self.device, denoiser_hook)
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         """``batch``: any tensor whose length is the number of samples; returns token ids [N, L]."""
