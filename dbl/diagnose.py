@@ -56,7 +56,7 @@ class DiagnosticSpec:
     weighted: str  # the loss the task trains on / reports
     distance: str  # the hand-over distance between two blocks' predictions
     update: str  # the size of one sampler step's update
-    kind: str = "images"  # trajectory snapshots: "images" ([N, C, H, W]) or "tokens" (ids [N, L])
+    kind: str = "images"  # trajectory snapshots: "images" ([N, C, H, W]), "tokens" (ids [N, L]) or "labels" (classes [N, 1])
 
 
 @dataclass
@@ -402,12 +402,18 @@ def _trajectory_text(d: Diagnosis, decode: Callable | None) -> list[str]:
     t, lines = d.trajectory, []
     decode = decode or (lambda ids: " ".join(str(int(i)) for i in ids))
     n = t.final.shape[0]
+    if d.spec.kind == "labels":  # snapshots: the class nearest each block's estimate; notes: the true label
+        for i in range(n):
+            steps = ", ".join(f"after block {b}: {decode(t.snapshots[b][i])}" for b in t.snapshots)
+            truth = decode(next(iter(t.notes.values()))[i]) if t.notes else "?"
+            lines.append(f"sample {i} (label {truth}): {steps}; prediction: {decode(t.final[i])}")
+        return lines
     for i in range(n):
         lines.append(f"sample {i}:")
         for b in t.snapshots:
             lines.append(f"  after block {b} (state):    {decode(t.notes[b][i])}")
             lines.append(f"  after block {b} (estimate): {decode(t.snapshots[b][i])}")
-        lines.append(f"  final:                     {decode(t.final[i])}")
+        lines.append(f"  final:                    {decode(t.final[i])}")
     return lines
 
 
@@ -466,7 +472,9 @@ def markdown(d: Diagnosis, files: dict[str, str], decode: Callable | None = None
         out += ["Each row a sample; each column the denoised estimate at the end of a block's share of the steps, then the sample.",
                 "", f"![trajectories]({files['trajectory']})", ""]
     else:
-        out += ["Per sample: after each block's share of the steps, the state ('_' still masked) and the estimate "
+        out += ["Per sample: after each block's share of the steps, the class nearest the block's estimate of the label "
+                "embedding, then the chain's prediction." if spec.kind == "labels" else
+                "Per sample: after each block's share of the steps, the state ('_' still masked) and the estimate "
                 "(every masked position filled with the block's most likely token), then the sample.", "", "```",
                 *_trajectory_text(d, decode), "```", ""]
 

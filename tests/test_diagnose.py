@@ -256,3 +256,28 @@ def test_dbl_diagnose_writes_the_report_and_tensorboard_figures_and_one_line_err
         code, err = _exit([*base, *args], capsys)
         assert code == 2 and message in err, err
         assert len(err.strip().splitlines()) == 1 or "Traceback" not in err, err
+
+
+# -- label diffusion (ViT classification) ------------------------------------------------------
+def test_label_diffusion_map_owner_handover_and_trajectory(tmp_path, one_thread):
+    from test_classification import randomized, tiny_vit
+
+    from dbl.training import LabelDiffusionModule
+
+    torch.manual_seed(0)
+    module = LabelDiffusionModule(randomized(tiny_vit()), num_blocks=3, sample_steps=6).eval()
+    g = torch.Generator().manual_seed(2)
+    images, labels = torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 5, (8,), generator=g)
+    d, calls = run(module, (images, labels))
+    n = len(d.levels)
+    assert calls[: n * 3] == [0, 1, 2] * n
+    i = 2
+    sigma = torch.full((8,), d.levels[i])
+    with torch.no_grad():
+        ce = module.per_sample_ce(images, labels, sigma, torch.randn(8, module.network.net.hidden_size, generator=gen(i)),
+                                  d.owners[i])
+    assert d.owner_unweighted[i] == pytest.approx(float(ce.mean()), rel=1e-5)
+    assert d.trajectory.blocks == [0, 0, 1, 1, 2, 2] and calls[n * 3: n * 3 + 6] == d.trajectory.blocks
+    assert d.handover[0]["distance"] > 0
+    text = write_report(d, tmp_path).read_text()
+    assert "(label " in text and "prediction:" in text

@@ -25,6 +25,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from dbl.diagnose import DiagnosticSpec, StepRecorder, Trajectory
 from dbl.diffusion.draws import Generators, randn
 from dbl.diffusion.preconditioning import edm_scalings
 from dbl.diffusion.samplers import sample
@@ -143,11 +144,12 @@ class LabelDiffusionModule(_ImageClassifier, EDMDiffusionModule):
 
     # -- prediction ------------------------------------------------------------------------
     def classify(self, images: torch.Tensor, generator: Generators = None, num_steps: int | None = None,
-                 solver: str | None = None, grid: str | None = None) -> torch.Tensor:
+                 solver: str | None = None, grid: str | None = None, denoiser_hook=None) -> torch.Tensor:
         """[N, classes] logits of the last solver step, chaining the blocks from sigma_max down.
 
         Each step calls the block that owns its sigma; its denoised estimate for the solver is
-        softmax(logits) @ E (``inference_table``). ``generator``: the starting noise.
+        softmax(logits) @ E (``inference_table``). ``generator``: the starting noise. ``denoiser_hook``:
+        wraps the denoiser the solver calls (``dbl diagnose`` records the steps).
         """
         opts = self.sampler_options(num_steps=num_steps, solver=solver, grid=grid)
         net = self.network.net
@@ -162,13 +164,59 @@ class LabelDiffusionModule(_ImageClassifier, EDMDiffusionModule):
                 return logits.softmax(-1).to(table.dtype) @ table
 
             noise = randn((images.shape[0], net.hidden_size), generator).to(self.device, table.dtype)
-            sample(estimate, noise, self.denoiser.sigmas(opts["num_steps"], opts["grid"]), opts["solver"], generator)
+            denoiser = estimate if denoiser_hook is None else denoiser_hook(estimate)
+            sample(denoiser, noise, self.denoiser.sigmas(opts["num_steps"], opts["grid"]), opts["solver"], generator)
         return last_logits[0]
 
     def predict_logits(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor:
         """``classify`` with starting noise seeded by the batch index: every evaluation of a model is
         the same draw."""
         return self.classify(images, torch.Generator().manual_seed(batch_idx))
+
+    # -- diagnostics (dbl.diagnose) --------------------------------------------------------
+    def diagnostic_spec(self) -> DiagnosticSpec:
+        return DiagnosticSpec("sigma", True, "CE of the denoised label (nats)", "lambda(sigma) x CE",
+                              "KL(earlier block || later block) of the label distributions (nats)",
+                              "RMS of the solver's update of the label embedding", kind="labels")
+
+    def _diagnostic_noisy(self, batch, level: float, generator: torch.Generator):
+        images, labels = batch
+        sigma, noise = self.diagnostic_draws(labels.shape[0], level, (labels.shape[0], self.network.net.hidden_size),
+                                             generator, labels.device)
+        return images, labels, sigma, noise.to(images.dtype)
+
+    def diagnostic_loss(self, batch, level: float, block: int, generator: torch.Generator):
+        """[N] cross-entropy of ``block``'s denoised label at sigma = ``level``, and lambda(sigma) x it."""
+        images, labels, sigma, noise = self._diagnostic_noisy(batch, level, generator)
+        ce = self.per_sample_ce(images, labels, sigma, noise, block)
+        return ce, self.diagnostic_weighted(ce, sigma)
+
+    def diagnostic_prediction(self, batch, level: float, block: int, generator: torch.Generator) -> torch.Tensor:
+        """``block``'s log-probabilities of the classes [N, classes] at sigma = ``level``."""
+        images, labels, sigma, noise = self._diagnostic_noisy(batch, level, generator)
+        net = self.network.net
+        z = self.denoiser.noised(net.label_vectors(labels), sigma, noise)
+        return net.label_logits(self.denoiser(z, sigma, images, block=block), self.c_noise(sigma)).float().log_softmax(-1)
+
+    @staticmethod
+    def diagnostic_divergence(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """[N] KL(a || b) of log-probabilities over the classes."""
+        return (a.exp() * (a - b)).sum(-1)
+
+    def diagnostic_trajectory(self, batch, num_samples: int, generator: torch.Generator) -> Trajectory:
+        """``classify`` (the chained prediction) of the first ``num_samples`` images, recording each step; per
+        block, the class whose label embedding is nearest its last estimate, and the true label."""
+        images, labels = batch[0][:num_samples], batch[1][:num_samples]
+        recorder = StepRecorder(self.denoiser)
+        logits = self.classify(images, generator, denoiser_hook=recorder)
+        states = recorder.states  # the last step's update is not returned by classify (its logits are the prediction)
+        updates = [float((states[i + 1] - states[i]).float().pow(2).mean(1).sqrt().mean()) for i in range(len(states) - 1)]
+        updates.append(float("nan"))
+        table = self.network.net.label_matrix(self.inference_table == "normalized").float()
+        snapshots = {b: (recorder.outputs[i].float() @ table.T).argmax(-1, keepdim=True).cpu()
+                     for b, i in recorder.last_calls().items()}
+        notes = {b: labels.view(-1, 1).cpu() for b in snapshots}
+        return Trajectory(recorder.levels, recorder.blocks, updates, snapshots, logits.argmax(-1, keepdim=True).cpu(), notes)
 
     # -- evaluation ------------------------------------------------------------------------
     def evaluation_step(self, batch, batch_idx: int, stage: str) -> None:
