@@ -70,6 +70,7 @@ class Trajectory:
     snapshots: dict[int, Any]
     final: Any
     notes: dict[int, Any] = field(default_factory=dict)  # per block, a second view (text: the state after it)
+    context: Any = None  # what the samples continue (autoregressive text: the prompts)
 
 
 class StepRecorder:
@@ -104,6 +105,12 @@ class StepRecorder:
     def state_after(self, i: int, final: torch.Tensor) -> torch.Tensor:
         """The state the call ``i``'s step led to: the next call's input, or the final sample."""
         return self.states[i + 1] if i + 1 < len(self.states) else final
+
+
+def mean_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[N] KL(a || b) of log-probabilities [N, L, V], mean over the positions where both are given (NaN elsewhere)."""
+    kl = (a.exp() * (a - b)).sum(-1)
+    return kl.nan_to_num(0.0).sum(1) / (~kl.isnan()).sum(1).clamp(min=1)
 
 
 def check_protocol(module, role: str = "the model") -> None:
@@ -410,8 +417,11 @@ def _trajectory_text(d: Diagnosis, decode: Callable | None) -> list[str]:
         return lines
     for i in range(n):
         lines.append(f"sample {i}:")
+        if t.context is not None:
+            lines.append(f"  prompt:                    {decode(t.context[i])}")
         for b in t.snapshots:
-            lines.append(f"  after block {b} (state):    {decode(t.notes[b][i])}")
+            if b in t.notes:
+                lines.append(f"  after block {b} (state):    {decode(t.notes[b][i])}")
             lines.append(f"  after block {b} (estimate): {decode(t.snapshots[b][i])}")
         lines.append(f"  final:                    {decode(t.final[i])}")
     return lines

@@ -281,3 +281,42 @@ def test_label_diffusion_map_owner_handover_and_trajectory(tmp_path, one_thread)
     assert d.handover[0]["distance"] > 0
     text = write_report(d, tmp_path).read_text()
     assert "(label " in text and "prediction:" in text
+
+
+# -- autoregressive diffusion (LM1B) -----------------------------------------------------------
+def test_ar_diffusion_map_owner_handover_and_trajectory(tmp_path, one_thread):
+    from test_lm1b import randomize, tiny_llama
+
+    from dbl.training import ARDiffusionLMModule
+
+    torch.manual_seed(0)
+    module = ARDiffusionLMModule(tiny_llama(depth=6), num_blocks=3, sample_steps=6)
+    randomize(module)
+    module.diagnostic_prompt_tokens, module.diagnostic_new_tokens = 3, 2
+    module.eval()
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, module.network.net.vocab_size, (4, 8), generator=g)
+    loss_mask = torch.ones(4, 8)
+    loss_mask[0, 6:] = 0  # padding: not scored, not in the KL
+    d, calls = run(module, (tokens, loss_mask))
+    n = len(d.levels)
+    assert calls[: n * 3] == [0, 1, 2] * n
+    i = 1
+    sigma = torch.full((4,), d.levels[i])
+    noise = torch.randn(4, 8, module.network.net.hidden_size, generator=gen(i))
+    with torch.no_grad():
+        ce = module.per_sample_ce(tokens, loss_mask, sigma, noise, d.owners[i])
+    assert d.owner_unweighted[i] == pytest.approx(float(ce.mean()), rel=1e-5)
+    # hand-over KL by hand at the first boundary, over the scored positions
+    level = d.handover[0]["level"]
+    sigma = torch.full((4,), level)
+    noise = torch.randn(4, 8, module.network.net.hidden_size, generator=gen(10_000))
+    with torch.no_grad():
+        p, q = (module.logits(tokens, sigma, noise, k).float().log_softmax(-1) for k in (0, 1))
+    kl = (p.exp() * (p - q)).sum(-1)
+    assert d.handover[0]["distance"] == pytest.approx(float(((kl * loss_mask).sum(1) / loss_mask.sum(1)).mean()), rel=1e-5)
+    t = d.trajectory
+    assert t.blocks == [0, 0, 1, 1, 2, 2] and list(t.snapshots) == [0, 1, 2]
+    assert t.final.shape == (2, 2) and t.snapshots[2].shape == (2, 2)
+    text = write_report(d, tmp_path).read_text()
+    assert "prompt:" in text and "after block 1 (estimate)" in text

@@ -71,10 +71,12 @@ def generate_ar_diffusion(
     generator: Generators = None,
     use_cache: bool = True,
     top_p: float = 1.0,
+    hook=None,
 ) -> torch.Tensor:
     """Continue ``prompt`` [N, p] (p >= 1) by ``num_tokens`` tokens; returns [N, num_tokens].
 
-    ``sigmas``: the descending grid ending in 0 (``EDMDenoiser.sigmas``).
+    ``sigmas``: the descending grid ending in 0 (``EDMDenoiser.sigmas``). ``hook``: wraps the denoiser
+    each token's solver calls (``dbl.diagnose.StepRecorder`` records the steps).
     """
     _check_prompt(prompt)
     network = denoiser.network
@@ -106,7 +108,7 @@ def generate_ar_diffusion(
             return logits.softmax(-1).to(table.dtype) @ table
 
         noise = randn((n, 1, net.hidden_size), generator).to(device=device, dtype=net.embedding.weight.dtype)
-        sample(estimate, noise, sigmas, solver, generator)
+        sample(estimate if hook is None else hook(estimate), noise, sigmas, solver, generator)
         new = pick_token(last_logits[0][:, -1], temperature, generator, top_p)
         tokens = torch.cat([tokens, new[:, None]], dim=1)
         if use_cache:

@@ -23,6 +23,7 @@ from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 
 from dbl.denoisers.text import generate_ar_diffusion, generate_next_token
+from dbl.diagnose import DiagnosticSpec, StepRecorder, Trajectory, mean_kl
 from dbl.diffusion.draws import Generators
 from dbl.errors import UsageError
 from dbl.models.llama import ARInput
@@ -252,16 +253,68 @@ class ARDiffusionLMModule(_LanguageModel, EDMDiffusionModule):
         temperature: float | None = None,
         use_cache: bool = True,
         top_p: float | None = None,
+        denoiser_hook=None,
     ) -> torch.Tensor:
-        """Continue ``prompt`` [N, p]; [N, num_tokens]. Unset options take the module's defaults."""
+        """Continue ``prompt`` [N, p]; [N, num_tokens]. Unset options take the module's defaults.
+        ``denoiser_hook``: wraps the denoiser each token's solver calls (``dbl diagnose`` records the steps)."""
         opts = self.sampler_options(num_steps=num_steps, solver=solver, grid=grid)
         sigmas = self.denoiser.sigmas(opts["num_steps"], opts["grid"])
         with self.sampling_mode():
             return generate_ar_diffusion(
                 self.denoiser, prompt.to(self.device), num_tokens or self.generate_tokens, sigmas, opts["solver"],
                 self.temperature if temperature is None else temperature, generator, use_cache,
-                self.top_p if top_p is None else top_p,
+                self.top_p if top_p is None else top_p, denoiser_hook,
             )
+
+    # -- diagnostics (dbl.diagnose) --------------------------------------------------------
+    diagnostic_prompt_tokens = 8  # the trajectory continues the first tokens of each sequence
+    diagnostic_new_tokens = 8
+
+    def diagnostic_spec(self) -> DiagnosticSpec:
+        return DiagnosticSpec("sigma", True, "CE of the denoised token embeddings (nats)", "lambda(sigma) x CE",
+                              "KL(earlier block || later block) per token (nats)",
+                              "RMS of the solver's update of the new token's embedding (first generated token)",
+                              kind="tokens")
+
+    def _diagnostic_noisy(self, batch, level: float, generator: torch.Generator):
+        tokens, loss_mask = batch
+        sigma, noise = self.diagnostic_draws(tokens.shape[0], level, (*tokens.shape, self.network.net.hidden_size),
+                                             generator, tokens.device)
+        return tokens, loss_mask, sigma, noise
+
+    def diagnostic_loss(self, batch, level: float, block: int, generator: torch.Generator):
+        """[N] the task's cross-entropy (``per_sample_ce``) of ``block`` at sigma = ``level``, and lambda(sigma) x it."""
+        tokens, loss_mask, sigma, noise = self._diagnostic_noisy(batch, level, generator)
+        ce = self.per_sample_ce(tokens, loss_mask, sigma, noise, block)
+        return ce, self.diagnostic_weighted(ce, sigma)
+
+    def diagnostic_prediction(self, batch, level: float, block: int, generator: torch.Generator) -> torch.Tensor:
+        """``block``'s log-probabilities [N, T, V] of every token at sigma = ``level``; NaN where ``loss_mask`` is 0."""
+        tokens, loss_mask, sigma, noise = self._diagnostic_noisy(batch, level, generator)
+        logp = self.logits(tokens, sigma, noise, block).float().log_softmax(-1)
+        return logp.masked_fill(~loss_mask.bool().unsqueeze(-1), float("nan"))
+
+    @staticmethod
+    def diagnostic_divergence(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return mean_kl(a, b)
+
+    def diagnostic_trajectory(self, batch, num_samples: int, generator: torch.Generator) -> Trajectory:
+        """``generate`` (the chain per token) continuing the first ``diagnostic_prompt_tokens`` of ``num_samples``
+        sequences by ``diagnostic_new_tokens``; levels, blocks and updates of the first new token's solver run; per
+        block, every new token as decoded from that block's last estimate (the token whose row is nearest)."""
+        prompt = batch[0][:num_samples, : self.diagnostic_prompt_tokens]
+        recorder = StepRecorder(self.denoiser)
+        new = self.generate(prompt, self.diagnostic_new_tokens, generator, denoiser_hook=recorder)
+        steps = len(recorder.states) // self.diagnostic_new_tokens  # calls per token (one solver run each)
+        updates = [float((recorder.states[i + 1] - recorder.states[i]).float().pow(2).flatten(1).mean(1).sqrt().mean())
+                   for i in range(steps - 1)] + [float("nan")]
+        table = self.network.net.token_table().float()
+        snapshots = {}
+        for b in dict.fromkeys(recorder.blocks[:steps]):
+            last = [k * steps + max(i for i in range(steps) if recorder.blocks[i] == b) for k in range(self.diagnostic_new_tokens)]
+            snapshots[b] = torch.cat([(recorder.outputs[i][:, -1].float() @ table.T).argmax(-1, keepdim=True) for i in last], 1).cpu()
+        return Trajectory(recorder.levels[:steps], recorder.blocks[:steps], updates, snapshots, new.cpu(),
+                          context=prompt.cpu())
 
 
 class NextTokenLMModule(_LanguageModel, BlockwiseLightningModule):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dbl.denoisers import MaskedDenoiser
-from dbl.diagnose import DiagnosticSpec, StepRecorder, Trajectory
+from dbl.diagnose import DiagnosticSpec, StepRecorder, Trajectory, mean_kl
 from dbl.diffusion.masked import (
     MASKING_SCHEDULES,
     MaskingSchedule,
@@ -187,9 +187,7 @@ class MaskedDiffusionModule(BlockwiseLightningModule):
     @staticmethod
     def diagnostic_divergence(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """[N] KL(a || b) in nats, mean over the positions both predict (log-probabilities, NaN elsewhere)."""
-        kl = (a.exp() * (a - b)).sum(-1)
-        valid = ~kl.isnan()
-        return kl.nan_to_num(0.0).sum(1) / valid.sum(1).clamp(min=1)
+        return mean_kl(a, b)
 
     def diagnostic_trajectory(self, batch, num_samples: int, generator: torch.Generator) -> Trajectory:
         """``sample`` (ancestral, the module's steps) recording each call; per block, the estimate of its last
