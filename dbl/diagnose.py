@@ -32,6 +32,7 @@ routing); nothing here runs a network by another path.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -184,7 +185,7 @@ def handover(task, batch, trajectory: Trajectory, seed: int = 0, window: int = 3
     """Per boundary between blocks b and b + 1: both blocks' predictions on the same inputs at the
     boundary's level and their distance; both blocks' losses there; and the sampler's update at the
     last step of b and the first of b + 1, with the step-to-step ratio of updates at the hand-over
-    against the median ratio of the ``window`` steps on each side."""
+    against the median ratio of the ``window`` steps on each side, and the median update of those steps."""
     rows = []
     for b, level in enumerate(inner_boundaries(task.denoiser)):
         i = 10_000 + b  # generators of their own, apart from the competence map's
@@ -203,6 +204,8 @@ def handover(task, batch, trajectory: Trajectory, seed: int = 0, window: int = 3
             around = [k for k in range(max(0, j - window), min(len(u) - 1, j + 1 + window)) if k != j]
             ratios = [r for r in (_ratio(u[k + 1], u[k]) for k in around) if math.isfinite(r)]
             row["neighbour_ratio"] = float(torch.tensor(ratios).median()) if ratios else float("nan")
+            sizes = [u[k] for k in range(max(0, j - window), min(len(u), j + 2 + window)) if k not in (j, j + 1) and math.isfinite(u[k])]
+            row["neighbour_update"] = float(torch.tensor(sizes).median()) if sizes else float("nan")
         rows.append(row)
         tick()
     return rows
@@ -463,16 +466,17 @@ def markdown(d: Diagnosis, files: dict[str, str], decode: Callable | None = None
     out += ["", "## 2. Hand-over consistency", "",
             f"At each boundary, both neighbouring blocks on the same inputs at the boundary's level: {spec.distance}, and each "
             f"one's {spec.unweighted}. Sampler: {spec.update} at the last call of the earlier block and the first of the later "
-            "one; 'ratio' is after/before, against the median step-to-step ratio of the calls around it.", "",
+            "one, against the median update of the 3 calls on each side; 'ratio' is after/before, against the median "
+            "step-to-step ratio of the calls around it.", "",
             f"![update sizes]({files['handover']})", "",
             f"| boundary | {spec.level} | distance | loss, earlier block | loss, later block | update before | update after | "
-            "ratio at hand-over | median ratio around |", "|---|---|---|---|---|---|---|---|---|"]
+            "median update around | ratio at hand-over | median ratio around |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in d.handover:
         out.append(f"| {r['blocks'][0]} -> {r['blocks'][1]} | {_fmt(r['level'])} | {_fmt(r['distance'])} | {_fmt(r['loss_before'])} | "
-                   f"{_fmt(r['loss_after'])} | {_fmt(r.get('update_before'))} | {_fmt(r.get('update_after'))} | "
+                   f"{_fmt(r['loss_after'])} | {_fmt(r.get('update_before'))} | {_fmt(r.get('update_after'))} | {_fmt(r.get('neighbour_update'))} | "
                    f"{_fmt(r.get('handover_ratio'))} | {_fmt(r.get('neighbour_ratio'))} |")
     if not d.handover:
-        out.append("| (one block: no hand-over) | | | | | | | | |")
+        out.append("| (one block: no hand-over) | | | | | | | | | |")
 
     t = d.trajectory
     out += ["", "## 3. Trajectories", "",
@@ -505,9 +509,19 @@ def markdown(d: Diagnosis, files: dict[str, str], decode: Callable | None = None
     return "\n".join(out) + "\n"
 
 
+def numbers(d: Diagnosis) -> dict:
+    """The report's numbers (levels, the map, the curves, hand-overs, the sampler's calls, the block table), for JSON."""
+    blocks = [{k: v for k, v in row.items() if not k.endswith("history")} for row in d.blocks]
+    t = d.trajectory
+    return dict(spec=vars(d.spec), boundaries=d.boundaries, levels=d.levels, owners=d.owners, unweighted=d.unweighted,
+                weighted=d.weighted, owner_unweighted=d.owner_unweighted, owner_weighted=d.owner_weighted,
+                twin_unweighted=d.twin_unweighted, twin_weighted=d.twin_weighted, handover=d.handover,
+                sampler=dict(levels=t.levels, blocks=t.blocks, updates=t.updates), blocks=blocks)
+
+
 def write_report(d: Diagnosis, out_dir: str | Path, decode: Callable | None = None, writer=None, step: int = 0,
                  dpi: int = 80) -> Path:
-    """Write ``report.md`` and its PNG figures into ``out_dir``; with a TensorBoard ``writer``
+    """Write ``report.md``, its PNG figures and ``diagnosis.json`` (the numbers) into ``out_dir``; with a TensorBoard ``writer``
     (``SummaryWriter``), the same figures as ``diagnose/<name>`` (and text trajectories as text)."""
     import matplotlib.pyplot as plt
 
@@ -528,4 +542,5 @@ def write_report(d: Diagnosis, out_dir: str | Path, decode: Callable | None = No
         writer.flush()
     path = out_dir / "report.md"
     path.write_text(text)
+    (out_dir / "diagnosis.json").write_text(json.dumps(numbers(d), indent=1))
     return path

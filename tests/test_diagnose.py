@@ -157,6 +157,9 @@ def test_trajectory_visits_blocks_in_order_through_the_chain(task, request, one_
     row = d.handover[0]
     assert t.blocks[row["step"]] == 0 and t.blocks[row["step"] + 1] == 1
     assert row["update_after"] == t.updates[row["step"] + 1]
+    j = row["step"]
+    around = [t.updates[k] for k in range(max(0, j - 3), min(steps, j + 5)) if k not in (j, j + 1) and not math.isnan(t.updates[k])]
+    assert row["neighbour_update"] == pytest.approx(float(torch.tensor(around).median()))
 
 
 def test_twin_curve_is_the_twins_routed_loss(images, tiny_module, one_thread):
@@ -196,6 +199,10 @@ def test_report_files_exist_and_the_markdown_names_them(task, request, tmp_path,
     for name in ("competence", "curves", "handover"):
         assert FIGURES[name] in pngs
     assert ("trajectory.png" in pngs) == (task == "images")
+    import json
+
+    saved = json.loads((path.parent / "diagnosis.json").read_text())
+    assert saved["owner_weighted"] == pytest.approx(d.owner_weighted) and len(saved["blocks"]) == module.num_blocks
     if task == "text":
         assert "after block 2 (state)" in text and "final:" in text
     for heading in ("## 1. Competence map", "## 2. Hand-over consistency", "## 3. Trajectories", "## 4. Blocks"):
