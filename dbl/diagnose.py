@@ -413,7 +413,11 @@ def _trajectory_text(d: Diagnosis, decode: Callable | None) -> list[str]:
     decode = decode or (lambda ids: " ".join(str(int(i)) for i in ids))
     n = t.final.shape[0]
     if d.spec.kind == "labels":  # snapshots: the class nearest each block's estimate; notes: the true label
-        for i in range(n):
+        if t.notes:
+            truth = next(iter(t.notes.values())).flatten()
+            hits = [f"after block {b}: {int((t.snapshots[b].flatten() == truth).sum())}/{n}" for b in t.snapshots]
+            lines.append(f"agreeing with the label: {', '.join(hits)}; prediction: {int((t.final.flatten() == truth).sum())}/{n}")
+        for i in range(min(n, 8)):
             steps = ", ".join(f"after block {b}: {decode(t.snapshots[b][i])}" for b in t.snapshots)
             truth = decode(next(iter(t.notes.values()))[i]) if t.notes else "?"
             lines.append(f"sample {i} (label {truth}): {steps}; prediction: {decode(t.final[i])}")

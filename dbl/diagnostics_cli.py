@@ -99,6 +99,16 @@ def _to(batch, device):
     return batch
 
 
+def on_device(datamodule, batch, device):
+    """``batch`` on ``device`` as a stage's step sees it: through the data module's transfer hooks (the ViT
+    data normalises its uint8 images in ``on_after_batch_transfer``)."""
+    before = getattr(datamodule, "on_before_batch_transfer", None)
+    after = getattr(datamodule, "on_after_batch_transfer", None)
+    batch = before(batch, 0) if before is not None else batch
+    batch = _to(batch, device)
+    return after(batch, 0) if after is not None else batch
+
+
 def first_samples(datamodule, n: int):
     """The first ``n`` samples of the validation split, as one batch."""
     if datamodule is None:
@@ -129,7 +139,7 @@ def run_diagnose(model, datamodule, ckpt_path, twin=None, twin_ckpt=None, out=No
     run = run_dir_of(ckpt_path)
     scalars = load(run) if run.is_dir() else {}
     start = time.perf_counter()
-    batch = _to(first_samples(datamodule, batch_size), device)
+    batch = on_device(datamodule, first_samples(datamodule, batch_size), device)
     modules = [m for m in (model, twin_module) if m is not None]
     for module in modules:
         module.to(device).eval()

@@ -209,6 +209,23 @@ def test_report_files_exist_and_the_markdown_names_them(task, request, tmp_path,
         assert heading in text
 
 
+def test_the_batch_goes_through_the_data_modules_transfer_hooks():
+    import lightning as L
+
+    from dbl.diagnostics_cli import first_samples, on_device
+
+    class Data(L.LightningDataModule):
+        def val_dataloader(self):
+            return [(torch.full((3, 1, 2, 2), 255, dtype=torch.uint8), torch.arange(3))] * 2
+
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            return batch[0].float() / 255, batch[1]
+
+    data = Data()
+    images, labels = on_device(data, first_samples(data, 4), torch.device("cpu"))
+    assert images.dtype == torch.float32 and images.shape[0] == 4 and (images == 1).all() and labels.tolist() == [0, 1, 2, 0]
+
+
 # -- the command ---------------------------------------------------------------------------------
 TINY = ["--model.init_args.network.init_args.hidden_size", "32", "--model.init_args.network.init_args.num_heads", "2",
         "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--trainer.callbacks",
@@ -288,6 +305,8 @@ def test_label_diffusion_map_owner_handover_and_trajectory(tmp_path, one_thread)
     assert d.handover[0]["distance"] > 0
     text = write_report(d, tmp_path).read_text()
     assert "(label " in text and "prediction:" in text
+    agree = int((d.trajectory.final.flatten() == labels[:2]).sum())
+    assert "agreeing with the label: after block 0: " in text and f"; prediction: {agree}/2" in text
 
 
 # -- autoregressive diffusion (LM1B) -----------------------------------------------------------
