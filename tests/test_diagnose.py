@@ -346,3 +346,21 @@ def test_ar_diffusion_map_owner_handover_and_trajectory(tmp_path, one_thread):
     assert t.final.shape == (2, 2) and t.snapshots[2].shape == (2, 2)
     text = write_report(d, tmp_path).read_text()
     assert "prompt:" in text and "after block 1 (estimate)" in text
+
+
+def test_a_task_without_the_protocol_is_a_one_line_error():
+    from test_classification import tiny_vit
+
+    from dbl.diagnose import check_protocol
+    from dbl.errors import UsageError
+    from dbl.training import ViTClassifierModule
+
+    with pytest.raises(UsageError, match=r"the model \(ViTClassifierModule\) cannot be diagnosed: it has no diagnostic_spec"):
+        check_protocol(ViTClassifierModule(tiny_vit(noise_conditioning=False)))
+
+
+def test_an_end_to_end_model_alone_has_no_hand_over(tiny_module, image_batch, tmp_path, one_thread):
+    module = perturbed(tiny_module(num_blocks=1, sample_steps=4))
+    d, calls = run(module, (image_batch[0][:4], image_batch[1][:4]), levels=3)
+    assert d.handover == [] and set(calls) == {0} and d.trajectory.blocks == [0] * 4
+    assert "(one block: no hand-over)" in write_report(d, tmp_path).read_text()
