@@ -137,3 +137,25 @@ def test_ema_decay_counts_only_the_blocks_that_train(tiny_module, image_batch, t
         expected = [e * step_decay + r * (1 - step_decay) for e, r in zip(expected, raw)]
     for e, p in zip(expected, module.network.block_parameters(1)):
         torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-7)
+
+
+class _Uncopyable:
+    """A factory that holds what a CLI-built factory can reach (a lock): deep copies fail on it."""
+
+    def __init__(self, make):
+        import threading
+
+        self.make, self.lock = make, threading.Lock()
+
+    def __call__(self, optimizer):
+        return self.make(optimizer)
+
+
+def test_ema_averages_without_copying_any_optimizer_or_scheduler_factory(tiny_module, image_batch, tmp_path):
+    """The average is a deep copy of the module: the optimizer, block and shared scheduler factories stay out."""
+    from dbl.callbacks import EMA
+
+    step = _Uncopyable(lambda o: torch.optim.lr_scheduler.StepLR(o, 10))
+    module = tiny_module(optimizer=_Uncopyable(lambda p: torch.optim.AdamW(p)), lr_scheduler=step, shared_lr_scheduler=step)
+    fit(module, image_batch, 2, tmp_path, callbacks=[EMA(decay=0.5)])
+    assert module.shared_lr_scheduler_factory is step and int(module.block_updates.sum()) == 2

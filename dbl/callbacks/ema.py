@@ -44,7 +44,8 @@ class EMA(EMAWeightAveraging):
         # The average is a deep copy of the module. Its optimizer factories (jsonargparse partials under
         # the CLI) reach the CLI's trainer and, in the process that launched the others, their Popen
         # objects, which cannot be copied; the average needs no optimizer, so it is made without them.
-        factories = {name: getattr(pl_module, name) for name in ("optimizer_factory", "lr_scheduler_factory")
+        names = ("optimizer_factory", "lr_scheduler_factory", "shared_lr_scheduler_factory")
+        factories = {name: getattr(pl_module, name) for name in names
                      if hasattr(pl_module, name)}
         for name in factories:
             setattr(pl_module, name, None)
