@@ -127,13 +127,16 @@ class LabelDiffusionModule(_ImageClassifier, EDMDiffusionModule):
         return edm_scalings(sigma, self.denoiser.sigma_data).c_noise
 
     # -- the objective ---------------------------------------------------------------------
-    def per_sample_ce(self, images, labels, sigma, noise, block: int) -> torch.Tensor:
-        """[N] cross-entropy of the logits from ``block``'s denoised estimate of the label embedding,
-        noised at ``sigma`` with ``noise``."""
+    def denoised_logits(self, images, labels, sigma, noise, block: int) -> torch.Tensor:
+        """[N, classes] logits from ``block``'s denoised estimate of the label embedding, noised at ``sigma``
+        with ``noise``."""
         net = self.network.net
         z = self.denoiser.noised(net.label_vectors(labels), sigma, noise)
-        logits = net.label_logits(self.denoiser(z, sigma, images, block=block), self.c_noise(sigma))
-        return F.cross_entropy(logits.float(), labels, reduction="none")
+        return net.label_logits(self.denoiser(z, sigma, images, block=block), self.c_noise(sigma))
+
+    def per_sample_ce(self, images, labels, sigma, noise, block: int) -> torch.Tensor:
+        """[N] cross-entropy of ``denoised_logits`` against the labels."""
+        return F.cross_entropy(self.denoised_logits(images, labels, sigma, noise, block).float(), labels, reduction="none")
 
     def block_loss(self, batch, block: int) -> BlockLoss:
         images, labels = batch
@@ -194,9 +197,7 @@ class LabelDiffusionModule(_ImageClassifier, EDMDiffusionModule):
     def diagnostic_prediction(self, batch, level: float, block: int, generator: torch.Generator) -> torch.Tensor:
         """``block``'s log-probabilities of the classes [N, classes] at sigma = ``level``."""
         images, labels, sigma, noise = self._diagnostic_noisy(batch, level, generator)
-        net = self.network.net
-        z = self.denoiser.noised(net.label_vectors(labels), sigma, noise)
-        return net.label_logits(self.denoiser(z, sigma, images, block=block), self.c_noise(sigma)).float().log_softmax(-1)
+        return self.denoised_logits(images, labels, sigma, noise, block).float().log_softmax(-1)
 
     @staticmethod
     def diagnostic_divergence(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
